@@ -1,0 +1,314 @@
+"""The :class:`Circuit` type and its safetensors file format.
+
+A circuit is a set of MLP neurons, each named by ``(layer, neuron)`` where ``neuron``
+indexes the input of that layer's ``down_proj`` (the intermediate dimension). It carries
+per-neuron statistics from discovery, so the engine can do more than plain scaling:
+
+========== ======= ==================================================
+tensor     dtype   meaning
+========== ======= ==================================================
+layers     int32   layer index of each neuron
+neurons    int32   index into the layer's intermediate dimension
+score      float32 ranking score (|delta| or effect size), descending
+mean_pos   float32 mean activation over the positive prompt set
+mean_neg   float32 mean activation over the negative prompt set
+========== ======= ==================================================
+
+Everything else lives in the safetensors string metadata: ``format`` and
+``format_version`` at the top level, and one JSON document under ``cna_vllm`` holding
+the name, behaviour, model identity, discovery parameters, per-layer counts, creation
+time and tool version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from cna_vllm.errors import CircuitError
+from cna_vllm.models import ModelIdentity
+
+FORMAT = "cna-vllm/circuit"
+FORMAT_VERSION = 1
+TENSORS: dict[str, np.dtype] = {
+    "layers": np.dtype(np.int32),
+    "neurons": np.dtype(np.int32),
+    "score": np.dtype(np.float32),
+    "mean_pos": np.dtype(np.float32),
+    "mean_neg": np.dtype(np.float32),
+}
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cna-vllm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True, eq=False)
+class Circuit:
+    """A set of ``(layer, neuron)`` pairs with discovery statistics and metadata."""
+
+    name: str
+    layers: np.ndarray
+    neurons: np.ndarray
+    score: np.ndarray
+    mean_pos: np.ndarray
+    mean_neg: np.ndarray
+    model: ModelIdentity | None = None
+    description: str = ""
+    discovery: dict = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    version: str = field(default_factory=tool_version)
+
+    def __post_init__(self) -> None:
+        for key, dtype in TENSORS.items():
+            object.__setattr__(self, key, np.ascontiguousarray(getattr(self, key), dtype=dtype))
+        self.check()
+
+    # ------------------------------------------------------------------ derived views
+    def __len__(self) -> int:
+        return int(self.layers.shape[0])
+
+    @property
+    def delta(self) -> np.ndarray:
+        """Mean difference, positive minus negative set."""
+        return self.mean_pos - self.mean_neg
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.layers.tolist(), self.neurons.tolist(), strict=True))
+
+    def layer_counts(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.layers.tolist()).items()))
+
+    def by_layer(self) -> dict[int, np.ndarray]:
+        """Neuron indices per layer, in rank order."""
+        return {layer: self.neurons[self.layers == layer] for layer in self.layer_counts()}
+
+    # ------------------------------------------------------------------ validation
+    def check(self) -> None:
+        """Structural checks that need no model: shapes, signs, duplicates, finiteness."""
+        n = self.layers.shape[0]
+        for key in TENSORS:
+            arr = getattr(self, key)
+            if arr.ndim != 1 or arr.shape[0] != n:
+                raise CircuitError(
+                    f"circuit {self.name!r}: tensor {key!r} has shape {arr.shape}, expected ({n},)"
+                )
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = int((~np.isfinite(arr)).sum())
+                raise CircuitError(f"circuit {self.name!r}: tensor {key!r} holds {bad} NaN/inf value(s)")
+        if n == 0:
+            raise CircuitError(f"circuit {self.name!r} is empty")
+        if (self.layers < 0).any() or (self.neurons < 0).any():
+            raise CircuitError(f"circuit {self.name!r} has a negative layer or neuron index")
+        seen = Counter(self.pairs())
+        dups = [k for k, c in seen.items() if c > 1]
+        if dups:
+            raise CircuitError(
+                f"circuit {self.name!r} lists {len(dups)} (layer, neuron) pair(s) twice, e.g. {dups[0]}"
+            )
+
+    def validate_for(
+        self, model: ModelIdentity | str | Path, *, check_fingerprint: bool = True
+    ) -> Circuit:
+        """Raise :class:`CircuitError` unless this circuit fits ``model``; return self.
+
+        ``model`` is a :class:`ModelIdentity` or an HF model directory.
+        """
+        ident = model if isinstance(model, ModelIdentity) else ModelIdentity.from_dir(model)
+        if self.model is not None:
+            for dim in ("num_layers", "intermediate_size", "hidden_size"):
+                mine, theirs = getattr(self.model, dim), getattr(ident, dim)
+                if mine != theirs:
+                    raise CircuitError(
+                        f"circuit {self.name!r} was made for another model: its {dim} is {mine}, "
+                        f"the model's is {theirs}"
+                    )
+            if check_fingerprint and self.model.fingerprint != ident.fingerprint:
+                raise CircuitError(
+                    f"circuit {self.name!r} was made for another model: weights fingerprint "
+                    f"{self.model.fingerprint} != {ident.fingerprint} (same shape, different weights)"
+                )
+        if self.layers.max() >= ident.num_layers:
+            raise CircuitError(
+                f"circuit {self.name!r}: layer index {int(self.layers.max())} is out of range "
+                f"for a model with {ident.num_layers} layers"
+            )
+        if self.neurons.max() >= ident.intermediate_size:
+            raise CircuitError(
+                f"circuit {self.name!r}: neuron index {int(self.neurons.max())} is out of range "
+                f"for intermediate size {ident.intermediate_size}"
+            )
+        return self
+
+    # ------------------------------------------------------------------ set operations
+    def _combine(self, other: Circuit, keep: set[tuple[int, int]], name: str) -> Circuit:
+        if self.model and other.model and self.model != other.model:
+            raise CircuitError(f"cannot combine circuits of different models: {self.name!r}, {other.name!r}")
+        rows: dict[tuple[int, int], tuple] = {}
+        for circ in (other, self):  # self wins where both have a neuron
+            for i, key in enumerate(circ.pairs()):
+                if key in keep:
+                    rows[key] = (circ.score[i], circ.mean_pos[i], circ.mean_neg[i])
+        if not rows:
+            raise CircuitError(f"{name!r} would be empty")
+        order = sorted(rows, key=lambda k: (-rows[k][0], k))
+        stats = np.array([rows[k] for k in order], dtype=np.float32)
+        return Circuit(
+            name=name,
+            layers=[k[0] for k in order],
+            neurons=[k[1] for k in order],
+            score=stats[:, 0],
+            mean_pos=stats[:, 1],
+            mean_neg=stats[:, 2],
+            model=self.model or other.model,
+            description=f"{name} (from {self.name!r} and {other.name!r})",
+            discovery={"combined_from": [self.name, other.name]},
+        )
+
+    def union(self, other: Circuit, name: str | None = None) -> Circuit:
+        return self._combine(other, set(self.pairs()) | set(other.pairs()), name or f"{self.name}|{other.name}")
+
+    def intersection(self, other: Circuit, name: str | None = None) -> Circuit:
+        return self._combine(other, set(self.pairs()) & set(other.pairs()), name or f"{self.name}&{other.name}")
+
+    __or__ = union
+    __and__ = intersection
+
+    def top(self, k: int) -> Circuit:
+        """The first ``k`` neurons by score."""
+        order = np.argsort(-self.score, kind="stable")[:k]
+        return replace(
+            self,
+            layers=self.layers[order],
+            neurons=self.neurons[order],
+            score=self.score[order],
+            mean_pos=self.mean_pos[order],
+            mean_neg=self.mean_neg[order],
+        )
+
+    # ------------------------------------------------------------------ file format
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "model": self.model.to_dict() if self.model else None,
+            "discovery": self.discovery,
+            "num_neurons": len(self),
+            "layer_counts": {str(k): v for k, v in self.layer_counts().items()},
+            "created_at": self.created_at,
+            "tool_version": self.version,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {key: getattr(self, key) for key in TENSORS}
+        save_file(
+            tensors,
+            str(path),
+            metadata={
+                "format": FORMAT,
+                "format_version": str(FORMAT_VERSION),
+                "cna_vllm": json.dumps(self.metadata(), sort_keys=True),
+            },
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> Circuit:
+        """Read and strictly check a circuit file; validate it for ``model`` if given."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CircuitError(f"circuit file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                header = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        except CircuitError:
+            raise
+        except Exception as exc:
+            raise CircuitError(f"{path} is not a readable safetensors file: {exc}") from exc
+        if header.get("format") != FORMAT:
+            raise CircuitError(f"{path} is not a cna-vllm circuit (format={header.get('format')!r})")
+        if header.get("format_version") != str(FORMAT_VERSION):
+            raise CircuitError(
+                f"{path} has format version {header.get('format_version')!r}; this cna-vllm "
+                f"reads version {FORMAT_VERSION}"
+            )
+        for key, dtype in TENSORS.items():
+            if key not in tensors:
+                raise CircuitError(f"{path} lacks the tensor {key!r}")
+            if tensors[key].dtype != dtype:
+                raise CircuitError(f"{path}: tensor {key!r} is {tensors[key].dtype}, expected {dtype}")
+        try:
+            meta = json.loads(header["cna_vllm"])
+            name = meta["name"]
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise CircuitError(f"{path} has missing or malformed metadata: {exc}") from exc
+        try:
+            circuit = cls(
+                name=name,
+                model=ModelIdentity(**meta["model"]) if meta.get("model") else None,
+                description=meta.get("description", ""),
+                discovery=meta.get("discovery", {}),
+                created_at=meta.get("created_at", ""),
+                version=meta.get("tool_version", ""),
+                **{key: tensors[key] for key in TENSORS},
+            )
+        except CircuitError as exc:
+            raise CircuitError(f"{path}: {exc}") from exc
+        except TypeError as exc:
+            raise CircuitError(f"{path} has malformed model metadata: {exc}") from exc
+        if model is not None:
+            circuit.validate_for(model)
+        return circuit
+
+    def summary(self, top: int = 10) -> str:
+        """A readable multi-line description: metadata, counts per layer, top neurons."""
+        lines = [f"circuit {self.name!r}: {len(self)} neurons", f"  {self.description}".rstrip()]
+        if self.model:
+            m = self.model
+            lines.append(
+                f"  model: {m.architecture}, {m.num_layers} layers, intermediate {m.intermediate_size}, "
+                f"hidden {m.hidden_size}, fingerprint {m.fingerprint}"
+            )
+        for key, value in self.discovery.items():
+            lines.append(f"  {key}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+        lines.append(f"  created {self.created_at} by cna-vllm {self.version}")
+        lines.append("  neurons per layer:")
+        counts = self.layer_counts()
+        width = max(counts.values())
+        for layer, count in counts.items():
+            lines.append(f"    L{layer:>3} {count:>5}  {'#' * max(1, round(30 * count / width))}")
+        lines.append(f"  top {min(top, len(self))} neurons:  layer neuron      score   mean_pos   mean_neg")
+        for i in np.argsort(-self.score, kind="stable")[:top]:
+            lines.append(
+                f"    {int(self.layers[i]):>18} {int(self.neurons[i]):>6} {self.score[i]:>10.4f} "
+                f"{self.mean_pos[i]:>10.4f} {self.mean_neg[i]:>10.4f}"
+            )
+        return "\n".join(lines)
+
+
+def load_dir(directory: str | Path, model: ModelIdentity | str | Path | None = None) -> dict[str, Circuit]:
+    """Load every ``*.safetensors`` circuit in a directory, keyed by circuit name."""
+    out: dict[str, Circuit] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        circuit = Circuit.load(path, model)
+        if circuit.name in out:
+            raise CircuitError(f"two circuits in {directory} are named {circuit.name!r}")
+        out[circuit.name] = circuit
+    return out

