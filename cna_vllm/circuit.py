@@ -199,6 +199,7 @@ class Circuit:
     # ------------------------------------------------------------------ file format
     def metadata(self) -> dict:
         return {
+            "kind": "cna",
             "name": self.name,
             "description": self.description,
             "model": self.model.to_dict() if self.model else None,
@@ -248,6 +249,12 @@ class Circuit:
             raise CircuitError(
                 f"{path} has format version {header.get('format_version')!r}; this cna-vllm "
                 f"reads version {FORMAT_VERSION}"
+            )
+        kind = _header_kind(header)
+        if kind != "cna":
+            raise CircuitError(
+                f"{path} holds {kind!r} steering vectors, not a neuron circuit; load it with "
+                "cna_vllm.vectors.VectorSet.load (or cna_vllm.vectors.load_any)"
             )
         for key, dtype in TENSORS.items():
             if key not in tensors:
@@ -301,6 +308,13 @@ class Circuit:
                 f"{self.mean_pos[i]:>10.4f} {self.mean_neg[i]:>10.4f}"
             )
         return "\n".join(lines)
+
+
+def _header_kind(header: dict) -> str:
+    try:
+        return json.loads(header.get("cna_vllm") or "{}").get("kind", "cna")
+    except (json.JSONDecodeError, AttributeError):
+        return "cna"  # malformed metadata is reported by the caller
 
 
 def load_dir(directory: str | Path, model: ModelIdentity | str | Path | None = None) -> dict[str, Circuit]:

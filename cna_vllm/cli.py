@@ -66,17 +66,21 @@ def cmd_discover(args: argparse.Namespace) -> None:
     )
     positive = load_prompts(args.positive, args.limit)
     negative = load_prompts(args.negative, args.limit)
-    diverse = load_prompts(args.diverse) if config.universal_filter else None
-    out = Path(args.out or REPO_CIRCUITS / model_alias(args.model) / f"{args.name}.safetensors")
+    name = args.name or ("refusal" if args.method == "cna" else f"refusal-caa-{args.site.replace('_', '-')}")
+    out = Path(args.out or REPO_CIRCUITS / model_alias(args.model) / f"{name}.safetensors")
     model, tokenizer = load_hf_model(model_dir)
+    if args.method == "caa":
+        _discover_caa(args, model, tokenizer, positive, negative, name, ModelIdentity.from_dir(model_dir), out)
+        return
+    diverse = load_prompts(args.diverse) if config.universal_filter else None
     result = discover(
         model,
         tokenizer,
         positive,
         negative,
-        name=args.name,
+        name=name,
         identity=ModelIdentity.from_dir(model_dir),
-        description=args.description or f"{args.name}: {positive.name} vs {negative.name}",
+        description=args.description or f"{name}: {positive.name} vs {negative.name}",
         config=config,
         diverse=diverse,
     )
@@ -95,7 +99,141 @@ def cmd_discover(args: argparse.Namespace) -> None:
     print(f"wall time {summary['wall_time_s']} s, peak RSS {summary['peak_rss_mib']} MiB")
 
 
+def _backend(args: argparse.Namespace, circuits=None):
+    """A server backend when --base-url is given, else an in-process engine."""
+    from cna_vllm.evaluate.backends import EngineBackend, ServerBackend
+
+    if args.base_url:
+        return ServerBackend(args.base_url, args.served_model, api_key=args.api_key, concurrency=args.concurrency)
+    from cna_vllm.models import model_alias
+
+    circuits = circuits or args.circuits or REPO_CIRCUITS / model_alias(args.model)
+    return EngineBackend(
+        args.model, circuits, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
+    )
+
+
+def _eval_sets(args: argparse.Namespace):
+    from cna_vllm.evaluate.mmlu import load_mmlu
+    from cna_vllm.prompts import load_prompts
+
+    harmful = load_prompts(args.prompts, args.limit)
+    harmless = load_prompts(args.harmless, args.limit) if args.harmless else None
+    mmlu = load_mmlu(args.mmlu, seed=args.seed) if args.mmlu else None
+    return harmful, harmless, mmlu
+
+
+def cmd_ab(args: argparse.Namespace) -> None:
+    from cna_vllm.evaluate.ab import parse_arms, run_ab, write_report
+
+    arms = parse_arms(args.arms)
+    harmful, harmless, mmlu = _eval_sets(args)
+    backend = _backend(args)
+    try:
+        report = run_ab(backend, arms, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
+                        settings={"model": args.base_url or args.model})
+    finally:
+        backend.close()
+    paths = write_report(report, args.out)
+    from cna_vllm.evaluate.report import TABLE_HEAD, arm_row
+
+    print(TABLE_HEAD)
+    for arm in report["arms"]:
+        print(arm_row(arm))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from cna_vllm.circuit import Circuit
+    from cna_vllm.evaluate.ab import run_ab, write_report
+    from cna_vllm.evaluate.sweep import Target, derived_circuits, plot_sweep, summarise, sweep_arms
+
+    circuits: dict = {}
+    names = list(args.circuit)
+    if args.wide_circuit:
+        if args.base_url:
+            raise CnaError("--wide-circuit (fraction sweep) needs the in-process engine, not --base-url")
+        wide = Circuit.load(args.wide_circuit)
+        circuits = derived_circuits(wide, [float(f) for f in args.fractions.split(",")])
+        names = list(circuits) + names
+    if circuits:
+        from cna_vllm.circuit import load_dir
+        from cna_vllm.models import model_alias
+
+        base_dir = args.circuits or REPO_CIRCUITS / model_alias(args.model)
+        circuits = {**load_dir(base_dir), **circuits}
+    arms = sweep_arms(names, args.modes.split(","), [float(v) for v in args.values.split(",")])
+    harmful, harmless, mmlu = _eval_sets(args)
+    backend = _backend(args, circuits or None)
+    try:
+        report = run_ab(backend, arms, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
+                        settings={"model": args.base_url or args.model, "sweep": True})
+    finally:
+        backend.close()
+    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop)
+    summary = summarise(report, target)
+    report["sweep"] = summary
+    paths = write_report(report, args.out)
+    paths.append(plot_sweep(report, summary, Path(args.out) / "sweep.png"))
+    for row in summary["rows"]:
+        verdict = "meets target" if row["meets_target"] else "misses: " + "; ".join(row["misses"])
+        print(f"{row['arm']:<40} α={row['alpha']:+.2f} refusal={row['refusal_rate']:.3f} "
+              f"quality={row['quality_paper']:.3f} {verdict}")
+    best = summary["recommended"]
+    if best:
+        print(f"recommended: {best['arm']} (α={best['alpha']:+.2f})")
+    else:
+        print("no setting meets the target: " + json.dumps(target.__dict__))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_overlap(args: argparse.Namespace) -> None:
+    from cna_vllm.circuit import Circuit
+    from cna_vllm.evaluate.overlap import overlap, plot_overlap
+
+    result = overlap(Circuit.load(args.a), Circuit.load(args.b), top=args.top)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot = plot_overlap(result, out / "overlap.png")
+    print(f"{result['a']['name']} ({result['a']['n']}) vs {result['b']['name']} ({result['b']['n']}): "
+          f"{result['shared']} shared, {100 * result['share_of_a_in_b']:.1f}% of A in B, "
+          f"Jaccard {result['jaccard']:.3f}")
+    print(f"wrote {out / 'overlap.json'}, {plot}")
+
+
+def _discover_caa(args, model, tokenizer, positive, negative, name, identity, out: Path) -> None:
+    from cna_vllm.discover import discover_caa
+
+    vectors = discover_caa(
+        model,
+        tokenizer,
+        positive,
+        negative,
+        name=name,
+        identity=identity,
+        description=args.description or f"{name}: CAA ({args.site}) {positive.name} vs {negative.name}",
+        site=args.site,
+        layers=_ints(args.layers) or None,
+        chat_template=not args.no_chat_template,
+        batch_size=args.batch_size,
+    )
+    vectors.save(out)
+    out.with_suffix(".summary.json").write_text(json.dumps(vectors.metadata(), indent=2) + "\n")
+    norms = vectors.metadata()["norms"]
+    print(f"CAA vectors {name!r} ({args.site}) at layers {vectors.layers.tolist()}; norms {norms}")
+    print(f"wrote {out}")
+
+
 # --------------------------------------------------------------------------- parser
+
+
+def cmd_serve(argv: list[str]) -> int:
+    """Serve the steered OpenAI-compatible API; every flag goes to vLLM's own server parser."""
+    from cna_vllm.server.app import main as serve_main
+
+    return serve_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discover", help="compute a CNA circuit from a positive and a negative prompt set")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, HF directory or hub id")
-    p.add_argument("--name", default="refusal", help="circuit name (and file stem)")
+    p.add_argument("--name", help="circuit name and file stem (default refusal, or refusal-caa-<site>)")
+    p.add_argument("--method", choices=["cna", "caa"], default="cna",
+                   help="cna: a neuron circuit; caa: per-layer steering vectors (the baseline)")
+    p.add_argument("--site", choices=["mlp_out", "residual"], default="mlp_out",
+                   help="CAA: MLP output at every layer (paper's code) or the residual stream")
+    p.add_argument("--layers", default="", help="CAA: comma-separated layers (default all)")
     p.add_argument("--description", default="")
     p.add_argument("--positive", default="harmbench-discover", help="packaged set name or prompt file")
     p.add_argument("--negative", default="benign-discover", help="packaged set name or prompt file")
@@ -134,10 +277,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="output file (default circuits/<model>/<name>.safetensors)")
     p.set_defaults(func=cmd_discover)
+    def eval_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prompts", default="harmbench-eval", help="harmful prompt set or file")
+        p.add_argument("--harmless", default="benign-eval", help="harmless set for over-refusal ('' to skip)")
+        p.add_argument("--mmlu", type=int, default=500, help="MMLU questions (seeded subset; 0 to skip)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the MMLU subset")
+        p.add_argument("--limit", type=int, help="use only the first N prompts of each set")
+        p.add_argument("--max-tokens", type=int, default=64)
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="in-process engine model (ignored with --base-url)")
+        p.add_argument("--circuits", help="circuits directory for the in-process engine")
+        p.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+        p.add_argument("--served-model", help="model name on the server (default: its first model)")
+        p.add_argument("--api-key", default="none")
+        p.add_argument("--concurrency", type=int, default=16)
+        p.add_argument("--dtype", default="bfloat16", help="in-process engine dtype")
+        p.add_argument("--max-model-len", type=int, default=2048)
+        p.add_argument("--kv-cache-gib", type=int, default=2)
+
+    p = sub.add_parser("ab", help="A/B refusal, quality and MMLU: baseline against steering arms")
+    p.add_argument("--arms", default="baseline,refusal@0.0",
+                   help="comma-separated: baseline, NAME@VALUE[:mode], or JSON specs")
+    eval_args(p)
+    p.set_defaults(func=cmd_ab)
+
+    p = sub.add_parser("sweep", help="sweep strength, mode and circuit size; pick the smallest good setting")
+    p.add_argument("--circuit", action="append", default=[], help="circuit name to sweep (repeatable)")
+    p.add_argument("--modes", default="scale", help="comma-separated modes: scale, patch, shift")
+    p.add_argument("--values", default="0,0.5,1.5,2,3", help="m for scale, α for the other modes")
+    p.add_argument("--wide-circuit", help="a circuit file discovered at the largest fraction, for --fractions")
+    p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
+    p.add_argument("--target-reduction", type=float, default=0.5, help="minimum relative refusal reduction")
+    p.add_argument("--target-quality", type=float, default=0.97, help="minimum paper quality")
+    p.add_argument("--target-mmlu-drop", type=float, default=0.01, help="maximum MMLU drop (absolute)")
+    eval_args(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("overlap", help="compare two circuits: shared neurons, share, Jaccard, per layer")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--top", type=int, help="compare only the top N neurons of each (the paper uses 200)")
+    p.add_argument("--out", default="overlap", help="output directory")
+    p.set_defaults(func=cmd_overlap)
+
+    # Listed for --help only: main() hands `serve` and all its flags to vLLM's server parser.
+    sub.add_parser("serve", help="OpenAI-compatible steered server (vLLM's flags plus --circuits; serve --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -7,7 +7,7 @@ from pathlib import Path
 from cna_vllm.circuit import Circuit
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +18,7 @@ def _pyplot():
 
 def plot_layer_counts(circuit: Circuit, path: str | Path, num_layers: int | None = None) -> Path:
     """Bar chart of the circuit's neurons per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = circuit.layer_counts()
     num_layers = num_layers or (circuit.model.num_layers if circuit.model else max(counts) + 1)
     xs = list(range(num_layers))

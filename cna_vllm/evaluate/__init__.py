@@ -1,0 +1,1 @@
+"""Evaluation: refusal judge, quality metrics, MMLU, statistics, A/B runs and reports."""

@@ -1,0 +1,114 @@
+"""Where A/B prompts are answered: an OpenAI-compatible server, or an in-process engine.
+
+Both backends take chat prompts plus one steering spec per call and return texts in
+prompt order, greedy. MMLU uses next-token log-probabilities where the backend has them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from cna_vllm.errors import CnaError, SteeringError
+from cna_vllm.evaluate.mmlu import choice_from_logprobs, choice_from_text
+from cna_vllm.steering import SteeringSpec
+
+ECHO_HEADER = "x-cna-steering"
+
+
+class Backend(Protocol):
+    circuits: dict[str, dict]  # name -> circuit metadata
+
+    def chat(self, prompts: Sequence[str], spec: SteeringSpec, max_tokens: int, desc: str) -> list[str]: ...
+
+    def choose(self, prompts: Sequence[str], spec: SteeringSpec, desc: str) -> list[str | None]: ...
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+class EngineBackend:
+    """An in-process :class:`cna_vllm.engine.llm.SteeredLLM`."""
+
+    def __init__(self, model: str, circuits: Any, **vllm_kwargs: Any) -> None:
+        from cna_vllm.engine.llm import SteeredLLM
+
+        self.llm = SteeredLLM(model, circuits, **vllm_kwargs)
+        self.circuits = {name: c.metadata() for name, c in self.llm.circuits.items()}
+
+    def chat(self, prompts, spec, max_tokens, desc):
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        outs = self.llm.chat([_messages(p) for p in prompts], params, steering=spec, use_tqdm=True)
+        return [o.outputs[0].text for o in outs]
+
+    def choose(self, prompts, spec, desc):
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=20)
+        outs = self.llm.chat([_messages(p) for p in prompts], params, steering=spec, use_tqdm=True)
+        picks = []
+        for out in outs:
+            step = (out.outputs[0].logprobs or [{}])[0]
+            top = {lp.decoded_token or "": lp.logprob for lp in step.values()}
+            picks.append(choice_from_logprobs(top) or choice_from_text(out.outputs[0].text))
+        return picks
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
+class ServerBackend:
+    """Any OpenAI-compatible base URL; steering goes in ``extra_body`` and must be echoed."""
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str = "none", concurrency: int = 16):
+        import httpx
+        from openai import APIError, OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+        try:
+            self.model = model or self.client.models.list().data[0].id
+        except APIError as exc:
+            raise CnaError(f"cannot use the server at {base_url}: {exc}") from exc
+        self.concurrency = concurrency
+        headers = {"Authorization": f"Bearer {api_key}"}
+        resp = httpx.get(base_url.rstrip("/") + "/circuits", headers=headers, timeout=30)
+        self.circuits = {c["name"]: c for c in resp.json().get("data", [])} if resp.status_code == 200 else {}
+
+    def _one(self, prompt: str, spec: SteeringSpec, **kw: Any):
+        extra = {"steering": spec.to_list()} if spec else None
+        raw = self.client.chat.completions.with_raw_response.create(
+            model=self.model, messages=_messages(prompt), temperature=0.0, extra_body=extra, **kw
+        )
+        echo = raw.headers.get(ECHO_HEADER)
+        if spec and (not echo or SteeringSpec.parse(json.loads(echo)).fingerprint() != spec.fingerprint()):
+            raise SteeringError(f"the server did not confirm steering {spec}: echo header {echo!r}")
+        return raw.parse()
+
+    def _map(self, fn, prompts, desc):
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(tqdm(pool.map(fn, prompts), total=len(prompts), desc=desc))
+
+    def chat(self, prompts, spec, max_tokens, desc):
+        def one(p: str) -> str:
+            return self._one(p, spec, max_tokens=max_tokens).choices[0].message.content or ""
+
+        return self._map(one, prompts, desc)
+
+    def choose(self, prompts, spec, desc):
+        def one(p: str) -> str | None:
+            choice = self._one(p, spec, max_tokens=1, logprobs=True, top_logprobs=20).choices[0]
+            content = (choice.logprobs.content or []) if choice.logprobs else []
+            top = {t.token: t.logprob for t in content[0].top_logprobs} if content else {}
+            return choice_from_logprobs(top) or choice_from_text(choice.message.content or "")
+
+        return self._map(one, prompts, desc)
+
+    def close(self) -> None:
+        self.client.close()
