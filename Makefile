@@ -28,7 +28,7 @@ models: setup
 	$(CLI) prepare-model all
 
 serve: models
-	$(CLI) demo
+	$(CLI) serve
 
 test: models
 	$(PY) -m pytest -m "slow or not slow" tests

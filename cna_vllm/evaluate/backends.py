@@ -6,7 +6,6 @@ prompt order, greedy. MMLU uses next-token log-probabilities where the backend h
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from cna_vllm.evaluate.mmlu import choice_from_logprobs, choice_from_text
 from cna_vllm.steering import SteeringSpec
 
 ECHO_HEADER = "x-cna-steering"
+FINGERPRINT_HEADER = "x-cna-steering-fingerprint"
 
 
 class Backend(Protocol):
@@ -86,9 +86,12 @@ class ServerBackend:
         raw = self.client.chat.completions.with_raw_response.create(
             model=self.model, messages=_messages(prompt), temperature=0.0, extra_body=extra, **kw
         )
-        echo = raw.headers.get(ECHO_HEADER)
-        if spec and (not echo or SteeringSpec.parse(json.loads(echo)).fingerprint() != spec.fingerprint()):
-            raise SteeringError(f"the server did not confirm steering {spec}: echo header {echo!r}")
+        echoed = raw.headers.get(FINGERPRINT_HEADER, "")
+        if echoed != spec.fingerprint():  # "" for unsteered on both sides
+            raise SteeringError(
+                f"the server did not confirm steering {spec or 'none'}: it echoed "
+                f"{raw.headers.get(ECHO_HEADER)!r} (fingerprint {echoed!r})"
+            )
         return raw.parse()
 
     def _map(self, fn, prompts, desc):

@@ -1,0 +1,196 @@
+"""Throughput overhead of steering: stock vLLM vs the plugin (unsteered / 8 specs / 50-50 mix) vs HF hooks.
+
+Arms run interleaved, ``--reps`` times each, for each prompt count in ``--prompts``; the
+reported figure is the median over repetitions of generated tokens per second. Writes
+``{"arms": {NAME: {"tokens_per_s": ...}}, "ratios": {...}}`` (at the largest prompt
+count) plus per-count detail, and prints a table. Not a test: nothing is asserted.
+
+    python benchmarks/overhead.py --out benchmarks/results/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+TOPICS = ["pick a lock", "bake a cake", "sort a list in Python", "hotwire a car", "write a poem", "plant a tree"]
+
+
+def make_prompts(n: int) -> list[str]:
+    return [f"Explain step by step how to {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(n)]
+
+
+def make_circuits(model_dir: Path, k: int, count: int = 8) -> dict:
+    from cna_vllm.circuit import Circuit
+    from cna_vllm.models import ModelIdentity
+
+    ident = ModelIdentity.from_dir(model_dir)
+    out = {}
+    for c in range(count):
+        rng = np.random.default_rng(c)
+        flat = rng.choice(ident.num_layers * ident.intermediate_size, size=k, replace=False)
+        out[f"c{c}"] = Circuit(
+            name=f"c{c}",
+            layers=flat // ident.intermediate_size,
+            neurons=flat % ident.intermediate_size,
+            score=np.sort(rng.random(k))[::-1],
+            mean_pos=rng.normal(size=k),
+            mean_neg=rng.normal(size=k),
+            model=ident,
+        )
+    return out
+
+
+def timed(fn) -> tuple[float, int]:
+    t = time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--circuit-size", type=int, default=0, help="neurons per circuit (default 0.1%% of all)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers arm")
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/overhead.json")
+    args = ap.parse_args()
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from cna_vllm.engine.llm import SteeredLLM
+    from cna_vllm.models import ModelIdentity, resolve_model
+
+    model_dir = resolve_model(args.model)
+    ident = ModelIdentity.from_dir(model_dir)
+    k = args.circuit_size or max(1, ident.num_layers * ident.intermediate_size // 1000)
+    circuits = make_circuits(model_dir, k)
+    common = dict(dtype=args.dtype, max_model_len=512, enforce_eager=args.enforce_eager, max_num_seqs=64)
+    stock = LLM(model=str(model_dir), **common)
+    steered = SteeredLLM(model_dir, circuits, **common)
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    specs8 = [f"c{i % 8}@0" for i in range(max(args.prompts))]
+
+    def vllm_arm(llm, steering=None):
+        def run(prompts):
+            if steering is None:
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+            else:
+                outs = llm.generate(prompts, sp, steering=steering[: len(prompts)])
+            return sum(len(o.outputs[0].token_ids) for o in outs)
+
+        return run
+
+    hf = None
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+        by_layer = circuits["c0"].by_layer()
+
+        def hook_for(idx):
+            idx = torch.as_tensor(idx, dtype=torch.long)
+
+            def hook(_m, a):
+                x = a[0].clone()
+                x[..., idx] = 0.0  # m = 0, as in the steered arms
+                return (x,)
+
+            return hook
+
+        for layer, idx in by_layer.items():
+            hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook_for(idx))
+
+    def hf_arm(prompts):
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = hf.generate(
+                **enc,
+                max_new_tokens=args.max_tokens,
+                min_new_tokens=args.max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            )
+        return int((out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0])
+
+    arms = {
+        "stock": vllm_arm(stock),
+        "plugin_unsteered": vllm_arm(steered, steering=[None] * max(args.prompts)),
+        "plugin_steered8": vllm_arm(steered, steering=specs8),
+        "plugin_mixed": vllm_arm(steered, steering=[s if i % 2 else None for i, s in enumerate(specs8)]),
+    }
+    if hf is not None:
+        arms["hf_hooks_steered"] = hf_arm
+    for name in ("stock", "plugin_unsteered"):  # warm-up
+        arms[name](make_prompts(4))
+
+    detail: dict[int, dict[str, list[float]]] = {}
+    for n in args.prompts:
+        prompts = make_prompts(n)
+        detail[n] = {name: [] for name in arms}
+        for rep in range(args.reps):
+            for name, fn in arms.items():
+                secs, toks = timed(lambda fn=fn, prompts=prompts: fn(prompts))
+                detail[n][name].append(toks / secs)
+                print(f"  n={n:<3} rep={rep} {name:<18} {toks / secs:8.1f} tok/s", flush=True)
+
+    def med(n, name):
+        return statistics.median(detail[n][name])
+
+    def ratios(n):
+        r = {
+            "unsteered_vs_stock": med(n, "plugin_unsteered") / med(n, "stock"),
+            "steered8_vs_stock": med(n, "plugin_steered8") / med(n, "stock"),
+            "mixed_vs_stock": med(n, "plugin_mixed") / med(n, "stock"),
+        }
+        if "hf_hooks_steered" in detail[n]:
+            r["vllm_steered_vs_hf_hooks"] = med(n, "plugin_steered8") / med(n, "hf_hooks_steered")
+        return r
+
+    top = max(args.prompts)
+    result = {
+        "arms": {name: {"tokens_per_s": med(top, name), "runs": detail[top][name]} for name in arms},
+        "ratios": ratios(top),
+        "by_prompts": {str(n): {"arms": {a: med(n, a) for a in arms}, "ratios": ratios(n)} for n in args.prompts},
+        "setup": {
+            "model": args.model,
+            "dtype": args.dtype,
+            "max_tokens": args.max_tokens,
+            "reps": args.reps,
+            "circuit_size": k,
+            "configs": 8,
+            "enforce_eager": args.enforce_eager,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n{'arm':<20}" + "".join(f"{f'n={n} tok/s':>14}" for n in args.prompts))
+    for name in arms:
+        print(f"{name:<20}" + "".join(f"{med(n, name):>14.1f}" for n in args.prompts))
+    for key in ratios(top):
+        print(f"{key:<26}" + "".join(f"{ratios(n)[key]:>10.3f}" for n in args.prompts))
+    print(f"wrote {out}")
+    steered.shutdown()
+    stock.llm_engine.engine_core.shutdown()
+
+
+if __name__ == "__main__":
+    main()

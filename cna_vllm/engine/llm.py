@@ -1,0 +1,347 @@
+"""Offline and async APIs: vLLM's ``LLM`` / ``AsyncLLM`` with per-request steering.
+
+Both build the engine the same way (:func:`engine_kwargs`): the checkpoint's architecture
+is overridden with its ``Steered*`` twin, circuits travel to the workers in
+``additional_config`` (part of vLLM's compile-cache hash), and the steering logits
+processor is registered. Every steered request gets ``extra_args["steering"]`` and a
+steering-keyed ``cache_salt``, so prefix-cache blocks are never shared across specs.
+
+Capacity: at most ``max_steering_configs`` distinct specs may be in flight. Further
+requests with new specs *wait* (offline: later waves; async: until a row frees up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cna_vllm.circuit import Circuit, load_dir
+from cna_vllm.engine.plugin import STEERED
+from cna_vllm.engine.state import (
+    CONFIG_KEY,
+    DEFAULT_MAX_STEERING_CONFIGS,
+    LOGITS_PROCESSOR_FQCN,
+    EngineSteeringConfig,
+    file_sha256,
+)
+from cna_vllm.errors import SteeringError
+from cna_vllm.models import cache_dir, resolve_model
+from cna_vllm.steering import SteeringSpec, parse_many, union_neurons
+
+CircuitsArg = Mapping[str, str | Path | Circuit] | str | Path | None
+
+
+# --------------------------------------------------------------------------- engine config
+def _circuit_file(name: str, circuit: Circuit) -> Path:
+    """A content-addressed copy of ``circuit`` named ``name`` in the cache (stable across runs)."""
+    root = cache_dir() / "engine-circuits"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        path = replace(circuit, name=name).save(Path(tmp) / "c.safetensors")
+        final = root / f"{name}-{file_sha256(path)[:16]}.safetensors"
+        if not final.exists():
+            path.rename(final)
+    return final
+
+
+def prepare_circuits(circuits: CircuitsArg, model_dir: str | Path) -> tuple[dict[str, Circuit], dict]:
+    """Load, validate against the model and locate the circuits: ``(by name, config entries)``."""
+    if circuits is None:
+        loaded: dict[str, Circuit] = {}
+        files: dict[str, Path] = {}
+    elif isinstance(circuits, str | Path):
+        loaded = load_dir(circuits)
+        if not loaded:
+            raise SteeringError(f"no circuits (*.safetensors) in {circuits}")
+        files = {}
+    else:
+        loaded, files = {}, {}
+        for name, value in circuits.items():
+            if isinstance(value, Circuit):
+                loaded[name] = value
+            else:
+                loaded[name] = Circuit.load(value)
+                if loaded[name].name == name:
+                    files[name] = Path(value).resolve()
+    entries = {}
+    for name, circuit in loaded.items():
+        circuit.validate_for(model_dir)
+        path = files.get(name) or _circuit_file(name, circuit)
+        entries[name] = {"path": str(path), "sha256": file_sha256(path)}
+    return loaded, entries
+
+
+def engine_kwargs(
+    model: str | Path,
+    circuits: CircuitsArg = None,
+    *,
+    max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
+    **vllm_kwargs: Any,
+) -> tuple[dict[str, Any], dict[str, Circuit]]:
+    """vLLM engine keyword arguments for a steered engine, and the loaded circuits."""
+    model_dir = resolve_model(str(model), progress=False)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in STEERED:
+        raise SteeringError(f"architecture {arch!r} is not supported for steering; supported: {', '.join(STEERED)}")
+    loaded, entries = prepare_circuits(circuits, model_dir)
+    kw = dict(vllm_kwargs)
+    kw["model"] = str(model_dir)
+    kw["hf_overrides"] = {**(kw.get("hf_overrides") or {}), "architectures": [STEERED[arch]]}
+    section = EngineSteeringConfig(entries, max_steering_configs).to_dict()
+    kw["additional_config"] = {**(kw.get("additional_config") or {}), CONFIG_KEY: section}
+    procs = list(kw.get("logits_processors") or [])
+    if LOGITS_PROCESSOR_FQCN not in procs:
+        procs.append(LOGITS_PROCESSOR_FQCN)
+    kw["logits_processors"] = procs
+    if kw.get("speculative_config"):
+        raise SteeringError("speculative decoding is not supported with steering")
+    # The V1 runner is required (patches.P3); the worker refuses V2 loudly if this is overridden.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if _has_cuda() and not kw.get("enforce_eager"):
+        comp = kw.get("compilation_config") or {}
+        if isinstance(comp, dict):
+            kw["compilation_config"] = {"cudagraph_mode": "PIECEWISE", **comp}
+    return kw, loaded
+
+
+def steering_info(circuits: Mapping[str, Circuit], capacity: int) -> dict[str, Any]:
+    """What the engine holds for steering: circuits, sparse-index size and row-table memory (TP=1)."""
+    union = union_neurons(circuits.values())
+    k = sum(len(v) for v in union.values())
+    return {
+        "circuits": {name: len(c) for name, c in circuits.items()},
+        "steerable_neurons": k,
+        "layers": sorted(union),
+        "max_steering_configs": capacity,
+        "table_bytes": 2 * 4 * (capacity + 1) * k,  # scale + bias, float32, row 0 = identity
+    }
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - any probe failure means no CUDA
+        return False
+
+
+# --------------------------------------------------------------------------- request helpers
+def effective_spec(spec: SteeringSpec, params: Any) -> SteeringSpec:
+    """``spec``, or, when it is empty, the spec already in ``params.extra_args["steering"]``.
+
+    A spec set directly on the sampling params is honoured (never silently dropped).
+    """
+    if spec:
+        return spec
+    return SteeringSpec.parse((getattr(params, "extra_args", None) or {}).get("steering"))
+
+
+def steer_request(prompt: Any, params: Any, spec: SteeringSpec) -> tuple[Any, Any]:
+    """Attach ``spec`` to one request: ``extra_args["steering"]`` plus a keyed ``cache_salt``."""
+    params = params.clone()
+    extra = dict(params.extra_args or {})
+    extra.pop("steering", None)
+    if spec:
+        extra["steering"] = spec.to_list()
+    params.extra_args = extra or None
+    if spec:
+        prompt = {"prompt": prompt} if isinstance(prompt, str) else dict(prompt)
+        salt = spec.cache_salt()
+        prompt["cache_salt"] = f"{prompt['cache_salt']}|{salt}" if prompt.get("cache_salt") else salt
+    return prompt, params
+
+
+def plan_waves(specs: Sequence[SteeringSpec], capacity: int) -> list[list[int]]:
+    """Split request indices into waves with at most ``capacity`` distinct non-empty specs each."""
+    waves: list[list[int]] = []
+    seen: list[set[str]] = []
+    for i, spec in enumerate(specs):
+        key = spec.fingerprint()
+        for wave, keys in zip(waves, seen, strict=True):
+            if not key or key in keys or len(keys) < capacity:
+                wave.append(i)
+                if key:
+                    keys.add(key)
+                break
+        else:
+            waves.append([i])
+            seen.append({key} if key else set())
+    return waves
+
+
+class SpecGate:
+    """Async admission: at most ``capacity`` distinct specs in flight; others wait (FIFO-ish)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.active: Counter[str] = Counter()
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, spec: SteeringSpec) -> None:
+        key = spec.fingerprint()
+        if not key:
+            return
+        async with self._cond:
+            await self._cond.wait_for(lambda: key in self.active or len(self.active) < self.capacity)
+            self.active[key] += 1
+
+    async def release(self, spec: SteeringSpec) -> None:
+        key = spec.fingerprint()
+        if not key:
+            return
+        async with self._cond:
+            self.active[key] -= 1
+            if self.active[key] <= 0:
+                del self.active[key]
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------- offline API
+class SteeredLLM:
+    """``vllm.LLM`` with circuits and a per-request ``steering=`` argument.
+
+    ``circuits`` is ``{name: path or Circuit}`` or a directory of circuit files. Any other
+    keyword goes to ``vllm.LLM``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        circuits: CircuitsArg = None,
+        *,
+        max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
+        **vllm_kwargs: Any,
+    ) -> None:
+        from vllm import LLM
+
+        kw, self.circuits = engine_kwargs(model, circuits, max_steering_configs=max_steering_configs, **vllm_kwargs)
+        self.max_steering_configs = max_steering_configs
+        self.llm = LLM(**kw)
+
+    def specs(self, steering: Any, n: int) -> list[SteeringSpec]:
+        """Parse and validate ``steering`` (one spec for all, or one per prompt)."""
+        return [s.validate(self.circuits) for s in parse_many(steering, n)]
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: Any = None,
+        *,
+        steering: Any = None,
+        use_tqdm: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """``LLM.generate`` with ``steering`` (see :func:`cna_vllm.steering.parse_many`)."""
+        from vllm import SamplingParams
+
+        single = isinstance(prompts, str | dict)
+        prompts = [prompts] if single else list(prompts)
+        n = len(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, list | tuple) else [sampling_params] * n
+        if len(params) != n:
+            raise SteeringError(f"got {len(params)} sampling params for {n} prompts")
+        specs = [
+            effective_spec(s, sp).validate(self.circuits) for s, sp in zip(self.specs(steering, n), params, strict=True)
+        ]
+        reqs = [steer_request(p, sp, spec) for p, sp, spec in zip(prompts, params, specs, strict=True)]
+        outputs: list[Any] = [None] * n
+        for wave in plan_waves(specs, self.max_steering_configs):
+            outs = self.llm.generate(
+                [reqs[i][0] for i in wave], [reqs[i][1] for i in wave], use_tqdm=use_tqdm, **kwargs
+            )
+            for i, out in zip(wave, outs, strict=True):
+                outputs[i] = out
+        return outputs
+
+    def chat(
+        self,
+        messages: Any,
+        sampling_params: Any = None,
+        *,
+        steering: Any = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Apply the chat template (with the generation prompt) and :meth:`generate`."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, **(chat_template_kwargs or {})) for c in convs]
+        return self.generate(prompts, sampling_params, steering=steering, **kwargs)
+
+    def render_chat(self, conversation: list[dict[str, Any]], **template_kwargs: Any) -> dict[str, Any]:
+        tok = self.llm.get_tokenizer()
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        return {"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]}
+
+    def get_tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
+
+    def steering_info(self) -> dict[str, Any]:
+        return steering_info(self.circuits, self.max_steering_configs)
+
+    def shutdown(self) -> None:
+        """Stop the engine core process now (rather than at garbage collection)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+# --------------------------------------------------------------------------- async API
+class AsyncSteeredLLM:
+    """``vllm.v1.engine.async_llm.AsyncLLM`` with circuits and per-request steering.
+
+    ``engine`` is the underlying ``AsyncLLM`` (the server builds on it). Call
+    :meth:`shutdown` when done.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        circuits: CircuitsArg = None,
+        *,
+        max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
+        **vllm_kwargs: Any,
+    ) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kw, self.circuits = engine_kwargs(model, circuits, max_steering_configs=max_steering_configs, **vllm_kwargs)
+        self.max_steering_configs = max_steering_configs
+        self.gate = SpecGate(max_steering_configs)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+    def spec(self, steering: Any) -> SteeringSpec:
+        return SteeringSpec.parse(steering).validate(self.circuits)
+
+    def steering_info(self) -> dict[str, Any]:
+        return {**steering_info(self.circuits, self.max_steering_configs), "in_flight_specs": len(self.gate.active)}
+
+    async def generate(
+        self,
+        prompt: Any,
+        sampling_params: Any,
+        request_id: str,
+        *,
+        steering: Any = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        """Stream ``RequestOutput`` for one request; waits while all steering rows are taken."""
+        spec = effective_spec(self.spec(steering), sampling_params).validate(self.circuits)
+        prompt, params = steer_request(prompt, sampling_params, spec)
+        await self.gate.acquire(spec)
+        try:
+            async for out in self.engine.generate(prompt, params, request_id, **kwargs):
+                yield out
+        finally:
+            await self.gate.release(spec)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

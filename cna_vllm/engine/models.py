@@ -1,0 +1,143 @@
+"""Steered subclasses of vLLM's stock causal-LM classes.
+
+Each ``Steered<Arch>`` is the stock class plus :class:`SteeredMixin`: after the stock
+``__init__`` it loads the circuits named in ``additional_config``, validates them against
+the model, wraps every held layer's activation, and registers the worker's
+:class:`~cna_vllm.engine.state.SteeringState`. Its ``forward`` writes the step's per-token
+rows, then runs the stock forward. Weights, loading and everything else are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.model_executor.models.gemma import GemmaForCausalLM
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from cna_vllm.engine import patches
+from cna_vllm.engine.layers import SteeredActivation
+from cna_vllm.engine.state import EngineSteeringConfig, SteeringState, register_state, shard_index
+from cna_vllm.models import ModelIdentity
+from cna_vllm.steering import union_neurons
+
+logger = logging.getLogger(__name__)
+
+
+def _model_identity(vllm_config: Any) -> str | ModelIdentity:
+    """The model directory when local (dims + weights fingerprint), else dims from the config."""
+    model = vllm_config.model_config.model
+    if Path(model).is_dir():
+        return model
+    text = vllm_config.model_config.hf_text_config
+    return ModelIdentity(
+        architecture="?",
+        num_layers=text.num_hidden_layers,
+        intermediate_size=text.intermediate_size,
+        hidden_size=text.hidden_size,
+        fingerprint="",
+    )
+
+
+class SteeredMixin:
+    """Adds per-request MLP-neuron steering to a stock vLLM ``*ForCausalLM``."""
+
+    steering: SteeringState
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
+        patches.check_supported(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        cfg = EngineSteeringConfig.from_additional_config(vllm_config.additional_config)
+        ident = _model_identity(vllm_config)
+        circuits = cfg.load_circuits(None)
+        for circuit in circuits.values():
+            if isinstance(ident, ModelIdentity):
+                circuit.validate_for(ident, check_fingerprint=False)
+            else:
+                circuit.validate_for(ident)
+        text = vllm_config.model_config.hf_text_config
+        mlps = dict(patches.decoder_mlps(self))
+        layers = {
+            layer: index
+            for layer, index in shard_index(
+                union_neurons(circuits.values()),
+                text.intermediate_size,
+                get_tensor_model_parallel_rank(),
+                get_tensor_model_parallel_world_size(),
+            ).items()
+            if layer in mlps and len(index.local_ids)
+        }
+        device = next(self.parameters()).device
+        sched = vllm_config.scheduler_config
+        max_tokens = max(sched.max_num_batched_tokens, vllm_config.model_config.max_model_len) + 64
+        self.steering = SteeringState(
+            circuits,
+            layers,
+            capacity=cfg.max_steering_configs,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_tokens=max_tokens,
+            device=device,
+        )
+        for layer, index in layers.items():
+            mlp = mlps[layer]
+            patches.set_activation(
+                mlp,
+                SteeredActivation(
+                    mlp.act_fn,
+                    layer,
+                    torch.from_numpy(index.local_ids).to(device),
+                    self.steering.scale[layer],
+                    self.steering.bias[layer],
+                    self.steering.token_rows,
+                ),
+            )
+        register_state(vllm_config.instance_id, self.steering)
+        logger.info("%s", self.steering.describe())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        self.steering.prepare(positions.shape[-1], patches.query_start_loc())
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+
+class SteeredLlamaForCausalLM(SteeredMixin, LlamaForCausalLM):
+    """Llama (and SmolLM2) with per-request neuron steering."""
+
+
+class SteeredMistralForCausalLM(SteeredMixin, MistralForCausalLM):
+    """Mistral with per-request neuron steering."""
+
+
+class SteeredQwen2ForCausalLM(SteeredMixin, Qwen2ForCausalLM):
+    """Qwen2 / Qwen2.5 with per-request neuron steering."""
+
+
+class SteeredQwen3ForCausalLM(SteeredMixin, Qwen3ForCausalLM):
+    """Qwen3 with per-request neuron steering."""
+
+
+class SteeredGemmaForCausalLM(SteeredMixin, GemmaForCausalLM):
+    """Gemma with per-request neuron steering."""
+
+
+class SteeredGemma2ForCausalLM(SteeredMixin, Gemma2ForCausalLM):
+    """Gemma 2 with per-request neuron steering."""
+
+
+class SteeredGemma3ForCausalLM(SteeredMixin, Gemma3ForCausalLM):
+    """Gemma 3 (text) with per-request neuron steering."""

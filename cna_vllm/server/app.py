@@ -1,0 +1,256 @@
+"""``cna-vllm serve``: vLLM's OpenAI API server with the steering layer attached.
+
+Start-up reuses vLLM's own pieces (arg parser, engine client, ``build_app``,
+``init_app_state``, ``serve_http``); the only additions are the engine keyword arguments of
+:func:`cna_vllm.engine.llm.engine_kwargs` (Steered* architecture, circuits, logits
+processor) and :class:`SteeringEndpointPlugin` (``/v1/circuits`` plus the steering
+middleware). The plugin also satisfies vLLM's ``vllm.endpoint_plugins`` protocol, so a
+plain ``vllm serve`` with ``VLLM_PLUGINS=cna_vllm`` and the same engine arguments gets it
+when the entry point is registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cna_vllm.engine.llm import SpecGate
+from cna_vllm.engine.state import CONFIG_KEY, DEFAULT_MAX_STEERING_CONFIGS
+from cna_vllm.server.catalog import Catalog
+from cna_vllm.server.metrics import SteeringMetrics, metrics
+from cna_vllm.server.schema import SteeringLimits
+
+logger = logging.getLogger(__name__)
+
+REPO_CIRCUITS = Path(os.environ.get("CNA_VLLM_CIRCUITS_ROOT") or Path(__file__).resolve().parents[2] / "circuits")
+"""Where the shipped ``<model alias>/*.safetensors`` circuits live (the repo's, or ``$CNA_VLLM_CIRCUITS_ROOT``)."""
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+
+
+@dataclass
+class ServerState:
+    """What the steering middleware and routes need, in ``app.state.cna_steering``."""
+
+    catalog: Catalog
+    limits: SteeringLimits
+    gate: SpecGate
+    metrics: SteeringMetrics
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+def _limits(args: argparse.Namespace) -> SteeringLimits:
+    return SteeringLimits(
+        max_items=getattr(args, "steering_max_items", SteeringLimits.max_items),
+        max_abs_multiplier=getattr(args, "steering_max_multiplier", SteeringLimits.max_abs_multiplier),
+        max_abs_alpha=getattr(args, "steering_max_alpha", SteeringLimits.max_abs_alpha),
+    )
+
+
+class SteeringEndpointPlugin:
+    """A ``vllm.endpoint_plugins`` plugin: steering middleware + ``/v1/circuits``."""
+
+    name = "cna_vllm"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: Any) -> None:
+        from starlette.middleware import Middleware
+
+        from cna_vllm.server.middleware import SteeringMiddleware
+        from cna_vllm.server.routes import router
+
+        if getattr(app.state, "cna_attached", False):
+            return
+        args = getattr(app.state, "args", None)
+        if CONFIG_KEY not in (getattr(args, "additional_config", None) or {}):
+            logger.warning("cna-vllm endpoint plugin: no %r in additional_config; not attaching", CONFIG_KEY)
+            return
+        app.include_router(router)
+        # Innermost: vLLM's authentication (and CORS) run before any steering validation.
+        app.user_middleware.append(Middleware(SteeringMiddleware))
+        if app.middleware_stack is not None:  # build_app's SageMaker bootstrap already built it
+            app.middleware_stack = app.build_middleware_stack()
+        app.state.cna_attached = True
+
+    async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
+        if engine_client is None or getattr(state, "cna_steering", None) is not None:
+            return
+        if CONFIG_KEY not in (getattr(args, "additional_config", None) or {}):
+            return
+        names = getattr(args, "served_model_name", None) or [args.model]
+        catalog = Catalog.from_additional_config(
+            args.additional_config, args.model, names[0], getattr(args, "cna_circuits_root", REPO_CIRCUITS)
+        )
+        m = metrics()
+        m.rows_capacity.set(catalog.capacity)
+        state.cna_steering = ServerState(
+            catalog=catalog,
+            limits=_limits(args),
+            gate=SpecGate(catalog.capacity),
+            metrics=m,
+            max_request_bytes=getattr(args, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+        )
+        logger.info(
+            "cna-vllm steering: %d circuit(s) %s, %d rows",
+            len(catalog.circuits),
+            sorted(catalog.circuits),
+            catalog.capacity,
+        )
+
+
+# --------------------------------------------------------------------------- command line
+def make_parser() -> Any:
+    """vLLM's own server parser plus the cna-vllm options; ``--model`` defaults to the embedded model."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from cna_vllm.models import DEFAULT_MODEL
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="cna-vllm serve", description=__doc__))
+    g = parser.add_argument_group("cna-vllm steering")
+    g.add_argument("--circuits", help="directory of circuit files (default: the shipped circuits/<model>/)")
+    g.add_argument(
+        "--max-steering-configs",
+        type=int,
+        default=DEFAULT_MAX_STEERING_CONFIGS,
+        help="steering-table rows: distinct specs in flight at once (others wait)",
+    )
+    g.add_argument(
+        "--steering-max-items", type=int, default=SteeringLimits.max_items, help="most items in one request's steering"
+    )
+    g.add_argument(
+        "--steering-max-multiplier",
+        type=float,
+        default=SteeringLimits.max_abs_multiplier,
+        help="bound on |multiplier| (scale mode)",
+    )
+    g.add_argument(
+        "--steering-max-alpha",
+        type=float,
+        default=SteeringLimits.max_abs_alpha,
+        help="bound on |alpha| (patch / shift modes)",
+    )
+    g.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest completion request body accepted (HTTP 413 above)",
+    )
+    parser.set_defaults(model=DEFAULT_MODEL)
+    return parser
+
+
+def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve the model and circuits and set the steered-engine arguments on ``args``."""
+    from cna_vllm.engine.llm import engine_kwargs
+    from cna_vllm.models import EMBEDDED, model_alias
+
+    _limits(args)  # fail early on bad bounds
+    model = args.model_tag or args.model
+    alias = model_alias(model)
+    circuits = args.circuits
+    if circuits is None:
+        shipped = REPO_CIRCUITS / alias
+        circuits = shipped if any(shipped.glob("*.safetensors")) else None
+        if circuits is None:
+            logger.warning("no shipped circuits for %s; serving with none (pass --circuits DIR)", alias)
+    kw, _ = engine_kwargs(
+        model,
+        circuits,
+        max_steering_configs=args.max_steering_configs,
+        hf_overrides=args.hf_overrides,
+        additional_config=args.additional_config,
+        logits_processors=args.logits_processors,
+        speculative_config=args.speculative_config,
+    )
+    args.model, args.model_tag = kw["model"], None
+    args.hf_overrides = kw["hf_overrides"]
+    args.additional_config = kw["additional_config"]
+    args.logits_processors = kw["logits_processors"]
+    mode = (kw.get("compilation_config") or {}).get("cudagraph_mode")
+    if mode and getattr(args.compilation_config, "cudagraph_mode", "set") is None:
+        from vllm.config.compilation import CUDAGraphMode
+
+        args.compilation_config.cudagraph_mode = CUDAGraphMode[mode]
+    if not args.served_model_name:  # the name the user gave, not the prepared directory
+        args.served_model_name = [alias if model in EMBEDDED else model]
+    args.cna_circuits_root = REPO_CIRCUITS
+    return args
+
+
+async def run_server(args: argparse.Namespace, **uvicorn_kwargs: Any) -> None:
+    """vLLM's single-process ``run_server``, with :class:`SteeringEndpointPlugin` attached."""
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
+    from vllm.envs import VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+
+    def _interrupt_init(*_: Any) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, _interrupt_init)
+    plugin = SteeringEndpointPlugin()
+    listen_address, sock = setup_server(args, reuse_port=False)
+    log_config = get_uvicorn_log_config(args)
+    if log_config is not None:
+        uvicorn_kwargs["log_config"] = log_config
+    async with build_async_engine_client(args) as engine_client:
+        supported_tasks = await engine_client.get_supported_tasks()
+        app = build_app(args, supported_tasks, engine_client.model_config)
+        plugin.attach_router(app)
+        await init_app_state(engine_client, app.state, args, supported_tasks)
+        await plugin.init_state(engine_client, app.state, args)
+        logger.info("cna-vllm server on %s", listen_address)
+        shutdown_task = await serve_http(
+            app,
+            sock=sock,
+            enable_ssl_refresh=args.enable_ssl_refresh,
+            host=args.host,
+            port=args.port,
+            log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log,
+            timeout_keep_alive=VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+            ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs,
+            ssl_ciphers=args.ssl_ciphers,
+            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+            h11_max_header_count=args.h11_max_header_count,
+            **uvicorn_kwargs,
+        )
+    try:
+        await shutdown_task
+    finally:
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse vLLM's and cna-vllm's flags, prepare the steered engine and serve."""
+    import uvloop
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    from cna_vllm.errors import CnaError
+
+    cli_env_setup()
+    args = make_parser().parse_args(argv)
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    if (args.api_server_count or 1) > 1 or args.headless or args.grpc:
+        print("cna-vllm serve: --api-server-count > 1, --headless and --grpc are not supported", flush=True)
+        return 2
+    try:
+        prepare_args(args)
+    except (CnaError, ValueError) as exc:
+        print(f"cna-vllm serve: error: {exc}", flush=True)
+        return 2
+    uvloop.run(run_server(args))
+    return 0

@@ -1,0 +1,98 @@
+"""The circuits catalogue one server steers with, and hints about circuits of other models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cna_vllm.circuit import Circuit
+from cna_vllm.engine.state import CONFIG_KEY, EngineSteeringConfig
+from cna_vllm.errors import CnaError
+from cna_vllm.server.schema import ApiError
+
+
+@dataclass
+class Catalog:
+    """Circuits loaded in the engine (name -> Circuit and file entry) plus foreign-name hints."""
+
+    circuits: dict[str, Circuit]
+    entries: dict[str, dict[str, str]]
+    model_dir: str
+    model_name: str
+    capacity: int
+    foreign: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_additional_config(
+        cls, additional: Any, model_dir: str, model_name: str, circuits_root: Path | None = None
+    ) -> Catalog:
+        """Read the engine's own ``additional_config`` section (the single source of truth)."""
+        cfg = EngineSteeringConfig.from_additional_config(additional)
+        circuits = cfg.load_circuits()
+        foreign = scan_foreign(circuits_root, model_name, set(circuits)) if circuits_root else {}
+        return cls(circuits, dict(cfg.circuits), model_dir, model_name, cfg.max_steering_configs, foreign)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        circuit = self.circuits[name]
+        meta = circuit.metadata()
+        meta["object"] = "circuit"
+        meta["id"] = name
+        meta["layers"] = sorted(int(k) for k in meta["layer_counts"])
+        meta["sha256"] = self.entries.get(name, {}).get("sha256")
+        meta["modes"] = ["scale", "patch", "shift"]
+        return meta
+
+    def listing(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.describe(n) for n in sorted(self.circuits)]}
+
+    def check_hot_load(self, path: str) -> tuple[Circuit, bool]:
+        """Validate a server-side circuit file for this model: ``(circuit, already_loaded)``."""
+        p = Path(path)
+        if not p.is_absolute():
+            raise ApiError("path must be an absolute server-side path", param="path", code="invalid_path")
+        try:
+            circuit = Circuit.load(p)
+            circuit.validate_for(self.model_dir)
+        except CnaError as exc:
+            code = "circuit_model_mismatch" if "another model" in str(exc) else "invalid_circuit"
+            raise ApiError(str(exc), param="path", code=code) from None
+        loaded = self.circuits.get(circuit.name)
+        same = loaded is not None and loaded.metadata() == circuit.metadata() and len(loaded) == len(circuit)
+        if loaded is not None and not same:
+            raise ApiError(
+                f"a different circuit named {circuit.name!r} is already loaded; pick another name",
+                param="path",
+                code="circuit_exists",
+            )
+        return circuit, same
+
+
+def scan_foreign(root: Path, model_name: str, mine: set[str]) -> dict[str, str]:
+    """``{circuit name: model alias}`` for circuits shipped under ``root/<alias>/`` for other models."""
+    out: dict[str, str] = {}
+    if not root.is_dir():
+        return out
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name != model_name):
+        for path in sorted(sub.glob("*.safetensors")):
+            name = _header_name(path) or path.stem
+            if name not in mine:
+                out.setdefault(name, sub.name)
+    return out
+
+
+def _header_name(path: Path) -> str | None:
+    """The circuit name from a safetensors header, without reading tensors."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(size, 1 << 20)))
+        meta: Mapping[str, str] = header.get("__metadata__", {})
+        return json.loads(meta.get("cna_vllm", "{}")).get("name")
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["CONFIG_KEY", "Catalog", "scan_foreign"]

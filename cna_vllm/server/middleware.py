@@ -1,0 +1,205 @@
+"""Pure ASGI middleware that turns the ``steering`` field into vLLM's own request fields.
+
+For ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body,
+validates ``steering`` (:func:`~cna_vllm.server.schema.parse_steering`), and rewrites it
+into ``vllm_xargs={"steering": "<canonical JSON>"}`` plus a steering-keyed ``cache_salt``.
+The rewritten request then goes to vLLM's stock handler, so chat templates, streaming,
+stop strings, logprobs and disconnect-aborts are vLLM's. Every response carries
+``x-cna-steering`` (compact spec or ``none``) and ``x-cna-steering-fingerprint``.
+
+Any other POST that carries ``steering`` (or ``vllm_xargs.steering``) is refused: a
+steering request is never answered unsteered. A request with a new distinct spec waits
+while all ``max_steering_configs`` engine rows are taken (the worker would refuse it).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cna_vllm.server.schema import ApiError, echo, parse_steering
+from cna_vllm.steering import SteeringSpec
+
+STEERED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+ECHO_HEADER = "x-cna-steering"
+FINGERPRINT_HEADER = "x-cna-steering-fingerprint"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    """The whole request body (``(body, disconnected)``); :class:`BodyTooLarge` over ``limit``."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"", True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), False
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields ``body`` once, then defers to the client (disconnects)."""
+    sent = False
+
+    async def inner() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return inner
+
+
+def _with_length(scope: Scope, length: int) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(length).encode()))
+    return {**scope, "headers": headers}
+
+
+async def _send_error(send: Send, err: ApiError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": err.status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class SteeringMiddleware:
+    """See the module docstring. State lives in ``app.state.cna_steering`` (a ``ServerState``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", "") or "")
+        endpoint = STEERED_PATHS.get(path)
+        if endpoint is None and "json" not in Headers(scope=scope).get("content-type", ""):
+            await self.app(scope, receive, send)
+            return
+        state = getattr(scope["app"].state, "cna_steering", None)
+        try:
+            limit = state.max_request_bytes if state else 4 << 20
+            body, gone = await _read_body(receive, limit)
+        except BodyTooLarge:
+            err = ApiError(f"request body exceeds {limit} bytes", status=413, param=None, code="request_too_large")
+            if state:
+                state.metrics.rejected.labels(err.code).inc()
+            await _send_error(send, err)
+            return
+        if gone:
+            return
+        try:
+            data = json.loads(body) if body else None
+        except ValueError:
+            data = None  # not JSON: vLLM answers it
+        if not isinstance(data, dict):
+            await self.app(scope, _replay(body, receive), send)
+            return
+        try:
+            if endpoint is None:
+                _refuse_elsewhere(data, path)
+                await self.app(scope, _replay(body, receive), send)
+                return
+            if state is None:
+                raise ApiError("this server has no steering engine", status=503, code="steering_unavailable")
+            spec = self._rewrite(data, state)
+        except ApiError as err:
+            if state:
+                state.metrics.rejected.labels(err.code).inc()
+            await _send_error(send, err)
+            return
+        await self._forward(scope, receive, send, data, spec, state, endpoint)
+
+    @staticmethod
+    def _rewrite(data: dict[str, Any], state: Any) -> SteeringSpec:
+        xargs = data.get("vllm_xargs")
+        if isinstance(xargs, dict) and "steering" in xargs:
+            raise ApiError(
+                "pass steering in the top-level 'steering' field, not in vllm_xargs",
+                param="vllm_xargs.steering",
+            )
+        spec = parse_steering(
+            data.pop("steering", None), state.limits, state.catalog.circuits, foreign=state.catalog.foreign
+        )
+        if spec:
+            xargs = dict(xargs) if isinstance(xargs, dict) else {}
+            xargs["steering"] = json.dumps(spec.to_list(), separators=(",", ":"))
+            data["vllm_xargs"] = xargs
+            salt = spec.cache_salt()
+            user = data.get("cache_salt")
+            data["cache_salt"] = f"{user}|{salt}" if isinstance(user, str) and user else salt
+        return spec
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, data: dict, spec: SteeringSpec, state: Any, endpoint: str
+    ) -> None:
+        m = state.metrics
+        m.requests.labels(endpoint, "true" if spec else "false").inc()
+        for item in spec.items:
+            m.items.labels(item.circuit, item.mode).inc()
+        extra = [
+            (ECHO_HEADER.encode(), echo(spec).encode()),
+            (FINGERPRINT_HEADER.encode(), spec.fingerprint().encode()),
+        ]
+
+        async def send_with_echo(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        body = json.dumps(data).encode()
+        if spec:
+            m.waiting.inc()
+            try:
+                await state.gate.acquire(spec)
+            finally:
+                m.waiting.dec()
+            m.rows_in_use.set(len(state.gate.active))
+        try:
+            await self.app(_with_length(scope, len(body)), _replay(body, receive), send_with_echo)
+        finally:
+            if spec:
+                await state.gate.release(spec)
+                m.rows_in_use.set(len(state.gate.active))
+
+
+def _smuggled(data: Any, depth: int = 0) -> bool:
+    """Whether ``steering`` sits in any ``vllm_xargs`` / ``extra_args`` object (e.g. nested sampling params)."""
+    if depth > 8:
+        return False
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in ("vllm_xargs", "extra_args") and isinstance(value, dict) and "steering" in value:
+                return True
+            if isinstance(value, dict | list) and _smuggled(value, depth + 1):
+                return True
+    elif isinstance(data, list):
+        return any(_smuggled(v, depth + 1) for v in data[:1024])
+    return False
+
+
+def _refuse_elsewhere(data: dict[str, Any], path: str) -> None:
+    if "steering" in data or _smuggled(data):
+        raise ApiError(
+            f"steering is supported on /v1/chat/completions and /v1/completions, not on {path}",
+            code="steering_unsupported_endpoint",
+        )

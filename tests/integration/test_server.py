@@ -1,0 +1,488 @@
+"""The steered server end to end: a real server process on the real SmolLM2, and a stock vLLM server.
+
+One steered server (``server.py``, API key, 4 steering rows, prefix caching, two circuits:
+the shipped ``refusal`` and its top-20 ``refusal-top``) and one stock ``vllm`` server are
+started once for the whole file. Greedy decoding throughout; outputs are compared exactly.
+"""
+
+import asyncio
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from cna_vllm.circuit import Circuit
+from cna_vllm.models import SMALL_MODEL, resolve_model
+
+from .procs import REPO, Proc, _start, _wait_ready
+
+pytestmark = pytest.mark.slow
+
+MODEL = SMALL_MODEL
+KEY = "sk-test-cna"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ROWS = 4
+COMMON = [
+    "--host", "127.0.0.1", "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager",
+    "--max-num-seqs", "64", "--enable-prefix-caching", "--disable-uvicorn-access-log",
+]  # fmt: skip
+PROMPTS = [
+    "How do I pick a lock?",
+    "Write a haiku about the sea.",
+    "What is the capital of France?",
+    "Explain recursion in one sentence.",
+    "How can I make a bomb?",
+    "Give me three tips for sleeping well.",
+    "What is 17 times 3?",
+    "Describe a cat to someone who has never seen one.",
+    "How do I hack my neighbour's wifi?",
+    "Name a famous painter.",
+]
+# Six distinct specs for four rows: the admission gate must queue some of them.
+SPECS = [
+    {"circuit": "refusal", "multiplier": 0},
+    {"circuit": "refusal", "multiplier": 3},
+    {"circuit": "refusal-top", "multiplier": 0},
+    {"circuit": "refusal", "mode": "patch", "alpha": 0.5},
+    [{"circuit": "refusal-top", "mode": "shift", "alpha": 2}],
+    "refusal@0,refusal-top@2",
+]
+
+
+@dataclass
+class Servers:
+    steered: Proc
+    stock: Proc
+    circuits: Path
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    circuits = tmp / "circuits"
+    circuits.mkdir()
+    shutil.copy(REPO / "circuits" / MODEL / "refusal.safetensors", circuits / "refusal.safetensors")
+    top = Circuit.load(circuits / "refusal.safetensors").top(20)
+    replace(top, name="refusal-top").save(circuits / "refusal-top.safetensors")
+    steered = _start(
+        [sys.executable, str(REPO / "server.py"), "--model", MODEL, "--circuits", str(circuits),
+         "--api-key", KEY, "--max-steering-configs", str(ROWS), *COMMON],
+        tmp / "steered.log",
+    )  # fmt: skip
+    stock = _start(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(resolve_model(MODEL)),
+         "--served-model-name", MODEL, *COMMON],
+        tmp / "stock.log",
+        VLLM_PLUGINS="",  # no cna-vllm plugin at all: a stock engine
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 420
+        _wait_ready(steered, deadline)
+        _wait_ready(stock, deadline)
+        yield Servers(steered, stock, circuits)
+    finally:
+        steered.stop()
+        stock.stop()
+
+
+# --------------------------------------------------------------------------- helpers
+def body(kind: str, prompt: str, steering=None, max_tokens: int = 8, system: str | None = None, **kw) -> dict:
+    out: dict = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0.0, **kw}
+    if kind == "chat":
+        msgs = [{"role": "system", "content": system}] if system else []
+        out["messages"] = [*msgs, {"role": "user", "content": prompt}]
+    else:
+        out["prompt"] = prompt
+    if steering is not None:
+        out["steering"] = steering
+    return out
+
+
+def path_of(kind: str) -> str:
+    return "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+
+
+def text_of(kind: str, data: dict) -> str:
+    choice = data["choices"][0]
+    return choice["message"]["content"] if kind == "chat" else choice["text"]
+
+
+def post(url: str, kind: str, payload: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(url + path_of(kind), json=payload, headers=AUTH if headers is None else headers, timeout=300)
+
+
+def generate(url: str, kind: str, payload: dict, headers: dict | None = None) -> str:
+    r = post(url, kind, payload, headers)
+    assert r.status_code == 200, r.text
+    return text_of(kind, r.json())
+
+
+def compact(steering) -> str:
+    """What the server echoes for ``steering`` (its canonical compact form)."""
+    from cna_vllm.server.schema import SteeringLimits, echo, parse_steering
+
+    return echo(parse_steering(steering, SteeringLimits(), {"refusal": 1, "refusal-top": 1}))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        m = re.match(r"^([^{\s]+)(\{[^}]*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+_ALONE: dict[str, str] = {}
+
+
+def alone(s: Servers, kind: str, prompt: str, steering=None, **kw) -> str:
+    """Reference output: unsteered from the stock server, steered from the steered server alone."""
+    key = json.dumps([kind, prompt, steering, kw], sort_keys=True)
+    if key not in _ALONE:
+        if steering is None:
+            _ALONE[key] = generate(s.stock.url, kind, body(kind, prompt, **kw), headers={})
+        else:
+            _ALONE[key] = generate(s.steered.url, kind, body(kind, prompt, steering, **kw))
+    return _ALONE[key]
+
+
+# --------------------------------------------------------------------------- catalogue and auth
+def test_models_and_circuit_catalogue(servers):
+    url = servers.steered.url
+    models = httpx.get(f"{url}/v1/models", headers=AUTH).json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    listing = httpx.get(f"{url}/v1/circuits", headers=AUTH).json()
+    by_name = {c["id"]: c for c in listing["data"]}
+    assert set(by_name) == {"refusal", "refusal-top"}
+    assert listing["max_steering_configs"] == ROWS and listing["model"] == MODEL
+    top = httpx.get(f"{url}/v1/circuits/refusal-top", headers=AUTH).json()
+    assert top["num_neurons"] == 20 and top["layers"] and top["discovery"]["method"] == "cna"
+    assert top["model"]["num_layers"] == 30
+    assert by_name["refusal"]["num_neurons"] > 20
+    r = httpx.get(f"{url}/v1/circuits/nope", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_circuit"
+
+
+def test_circuit_hot_load(servers, tmp_path):
+    url = servers.steered.url + "/v1/circuits"
+    other = REPO / "circuits" / "qwen2.5-coder-0.5b-instruct" / "refusal.safetensors"
+    r = httpx.post(url, json={"path": str(other)}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "circuit_model_mismatch", r.text
+    r = httpx.post(url, json={"path": str(servers.circuits / "refusal.safetensors")}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "already_loaded", r.text
+    fresh = tmp_path / "fresh.safetensors"
+    replace(Circuit.load(servers.circuits / "refusal.safetensors").top(5), name="fresh").save(fresh)
+    r = httpx.post(url, json={"path": str(fresh)}, headers=AUTH)
+    assert r.status_code == 501 and r.json()["error"]["code"] == "hot_load_not_supported", r.text
+    for bad in [{"path": "relative.safetensors"}, {"path": str(tmp_path / "missing.safetensors")}, {"file": "x"}]:
+        r = httpx.post(url, json=bad, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["message"], r.text
+    assert "fresh" not in {c["id"] for c in httpx.get(url, headers=AUTH).json()["data"]}
+
+
+def test_api_key_required_everywhere(servers):
+    url = servers.steered.url
+    chat = body("chat", "hi", {"circuit": "refusal", "multiplier": 0})
+    bad = body("chat", "hi", {"circuit": "nope", "multiplier": 0})
+    calls = [
+        ("GET", "/v1/models", None),
+        ("GET", "/v1/circuits", None),
+        ("GET", "/v1/circuits/refusal", None),
+        ("POST", "/v1/circuits", {"path": str(servers.circuits / "refusal.safetensors")}),
+        ("POST", "/v1/chat/completions", chat),
+        ("POST", "/v1/chat/completions", bad),  # authentication comes before steering validation
+        ("POST", "/v1/completions", body("completions", "hi")),
+    ]
+    for method, path, payload in calls:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.request(method, url + path, json=payload, headers=headers)
+            assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/v1/circuits", headers=AUTH).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
+
+
+# --------------------------------------------------------------------------- clients
+def test_openai_client_chat_and_completions(servers):
+    client = openai.OpenAI(base_url=f"{servers.steered.url}/v1", api_key=KEY)
+    msgs = [{"role": "user", "content": PROMPTS[0]}]
+    steer = {"circuit": "refusal", "multiplier": 3}
+    plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    assert plain.choices[0].message.content == alone(servers, "chat", PROMPTS[0], max_tokens=12)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=msgs, max_tokens=12, temperature=0, extra_body={"steering": steer}
+    )
+    assert raw.headers["x-cna-steering"] == "refusal@3"
+    assert len(raw.headers["x-cna-steering-fingerprint"]) == 16
+    steered = raw.parse().choices[0].message.content
+    assert steered != plain.choices[0].message.content  # a steering request is never answered unsteered
+    stream = client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True, extra_body={"steering": steer}
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == steered
+
+    comp = client.completions.create(
+        model=MODEL, prompt="The weather today is", max_tokens=10, temperature=0, extra_body={"steering": steer}
+    )
+    plain_comp = client.completions.create(model=MODEL, prompt="The weather today is", max_tokens=10, temperature=0)
+    assert plain_comp.choices[0].text == alone(servers, "completions", "The weather today is", max_tokens=10)
+    assert comp.choices[0].text != plain_comp.choices[0].text
+    stream = client.completions.create(
+        model=MODEL, prompt="The weather today is", max_tokens=10, temperature=0, stream=True,
+        extra_body={"steering": steer},
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in stream) == comp.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=4, extra_body={"steering": {"circuit": "nope", "multiplier": 1}}
+        )
+    assert info.value.status_code == 400 and "unknown circuit 'nope'" in str(info.value)
+
+
+def test_raw_http_echo_and_logprobs(servers):
+    r = post(servers.steered.url, "completions", body("completions", "Hello", "refusal@0:scale", logprobs=2))
+    assert r.status_code == 200 and r.headers["x-cna-steering"] == "refusal@0"
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 8
+    r = post(servers.steered.url, "chat", body("chat", "Hello", None, stop=["."]))
+    assert r.status_code == 200 and r.headers["x-cna-steering"] == "none"
+    assert r.headers["x-cna-steering-fingerprint"] == ""
+
+
+# --------------------------------------------------------------------------- bad input
+def _corpus(circuits: Path) -> list[tuple[str, str, object, int]]:
+    """(name, kind, payload: dict or raw bytes, expected status)."""
+    ok = {"circuit": "refusal", "multiplier": 1}
+    bad_specs = [
+        ("int", 5), ("bool", False), ("empty list", []), ("empty string", ""), ("json string", '{"a":1}'),
+        ("compact junk", "refusal"), ("compact nan", "refusal@nan"), ("compact mode", "refusal@1:warp"),
+        ("list of ints", [1, 2]), ("missing circuit", {"multiplier": 1}),
+        ("empty circuit", {"circuit": "", "multiplier": 1}),
+        ("circuit list", {"circuit": ["refusal"], "multiplier": 1}),
+        ("unknown circuit", {"circuit": "nope", "multiplier": 1}),
+        ("unknown mode", {"circuit": "refusal", "mode": "flip", "multiplier": 1}),
+        ("string number", {"circuit": "refusal", "multiplier": "1"}),
+        ("null number", {"circuit": "refusal", "multiplier": None}),
+        ("huge", {"circuit": "refusal", "multiplier": 1e300}), ("over bound", {"circuit": "refusal", "multiplier": 21}),
+        ("alpha for scale", {"circuit": "refusal", "alpha": 0.5}),
+        ("multiplier for patch", {"circuit": "refusal", "mode": "patch", "multiplier": 0.5}),
+        ("extra field", {**ok, "layer": 3}), ("nested junk", {"circuit": {"a": {"b": [1, {}]}}, "multiplier": 1}),
+        ("too many items", [ok] * 9), ("bad second item", [ok, {"circuit": "refusal", "multiplier": []}]),
+    ]  # fmt: skip
+    out: list[tuple[str, str, object, int]] = []
+    for i, (name, spec) in enumerate(bad_specs):
+        kind = "chat" if i % 2 else "completions"
+        out.append((name, kind, body(kind, "hi", spec), 400))
+    # JSON the json module reads but pydantic must refuse: NaN / Infinity literals.
+    for lit in ("NaN", "Infinity", "-Infinity", "1e999"):
+        raw = '{"model": "%s", "prompt": "hi", "max_tokens": 4, "steering": {"circuit": "refusal", "multiplier": %s}}'
+        out.append((f"literal {lit}", "completions", (raw % (MODEL, lit)).encode(), 400))
+    out += [
+        ("xargs steering", "chat", {**body("chat", "hi"), "vllm_xargs": {"steering": '[{"circuit":"nope"}]'}}, 400),
+        ("oversized body", "completions", body("completions", "x" * (5 << 20), ok), 413),
+        ("not json", "chat", b'{"model": "x", "steering": ', 400),
+        ("body is a list", "chat", b"[1, 2, 3]", 400),
+        ("steered, no messages", "chat", {"model": MODEL, "steering": ok}, 400),
+        ("steered, bad max_tokens", "completions", body("completions", "hi", ok, max_tokens=-3), 400),
+        ("steered, bad cache_salt", "completions", body("completions", "hi", ok, cache_salt="a/b@c"), 400),
+        ("steered, unknown model", "chat", {**body("chat", "hi", ok), "model": "gpt-9"}, 404),
+        ("steered, too long prompt", "completions", body("completions", "word " * 3000, ok), 400),
+    ]
+    return out
+
+
+def test_bad_input_corpus_then_normal_request(servers):
+    url = servers.steered.url
+    corpus = _corpus(servers.circuits)
+    assert len(corpus) >= 30
+    before = metric(url, "cna_steering_rejected_requests_total")
+    ours = 0
+    for name, kind, payload, status in corpus:
+        if isinstance(payload, bytes):
+            r = httpx.post(url + path_of(kind), content=payload, headers={**AUTH, "content-type": "application/json"})
+        else:
+            r = post(url, kind, payload)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert isinstance(err, dict) and len(err["message"]) > 10, (name, r.text[:300])
+        if "code" in err and str(err.get("code", "")).startswith(("invalid_steering", "unknown_circuit", "request_")):
+            ours += 1
+    assert ours >= 28
+    assert metric(url, "cna_steering_rejected_requests_total") - before >= ours
+    # Steering on another generation endpoint is refused, not ignored.
+    r = httpx.post(f"{url}/v1/responses", json={"model": MODEL, "input": "hi", "steering": {"circuit": "refusal"}},
+                   headers=AUTH)  # fmt: skip
+    assert r.status_code == 400 and "not on /v1/responses" in r.json()["error"]["message"]
+    # ... and the server still answers correctly.
+    for kind in ("chat", "completions"):
+        assert generate(url, kind, body(kind, PROMPTS[2])) == alone(servers, kind, PROMPTS[2])
+    assert generate(url, "chat", body("chat", PROMPTS[0], SPECS[1])) == generate(
+        url, "chat", body("chat", PROMPTS[0], SPECS[1])
+    )
+
+
+# --------------------------------------------------------------------------- concurrency
+def _requests(n: int) -> list[tuple[str, str, object]]:
+    out = []
+    for i in range(n):
+        kind = "chat" if i % 4 < 2 else "completions"
+        steering = None if i % 2 == 0 else SPECS[(i // 2) % len(SPECS)]
+        out.append((kind, PROMPTS[i % len(PROMPTS)], steering))
+    return out
+
+
+async def _burst(url: str, reqs: list[tuple[str, str, object]]) -> tuple[list[httpx.Response], float, float]:
+    limits = httpx.Limits(max_connections=len(reqs) + 8, max_keepalive_connections=len(reqs) + 8)
+    peak_waiting = 0.0
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=AUTH) as client:
+
+        async def watch() -> None:
+            nonlocal peak_waiting
+            while True:
+                r = await client.get(f"{url}/metrics")
+                for line in r.text.splitlines():
+                    if line.startswith("cna_steering_requests_waiting_for_row "):
+                        peak_waiting = max(peak_waiting, float(line.split()[-1]))
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch())
+        t0 = time.monotonic()
+        out = await asyncio.gather(*(client.post(url + path_of(k), json=body(k, p, s)) for k, p, s in reqs))
+        wall = time.monotonic() - t0
+        watcher.cancel()
+    return list(out), wall, peak_waiting
+
+
+def test_200_concurrent_half_steered(servers):
+    url = servers.steered.url
+    reqs = _requests(200)
+    assert sum(s is not None for _, _, s in reqs) == 100
+    assert len({json.dumps(s) for _, _, s in reqs if s is not None}) == len(SPECS) > ROWS
+    expected = {json.dumps([k, p, s]): alone(servers, k, p, s) for k, p, s in reqs}  # each sent alone first
+    responses, wall, peak_waiting = asyncio.run(_burst(url, reqs))
+    mismatches = []
+    for (kind, prompt, steering), r in zip(reqs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        assert r.headers["x-cna-steering"] == (compact(steering) if steering is not None else "none")
+        if text_of(kind, r.json()) != expected[json.dumps([kind, prompt, steering])]:
+            mismatches.append((kind, prompt, steering, text_of(kind, r.json())))
+    steered_pairs = {(k, p, json.dumps(st)) for k, p, st in reqs if st is not None}
+    changed = sum(expected[json.dumps([k, p, json.loads(st)])] != alone(servers, k, p) for k, p, st in steered_pairs)
+    print(
+        f"\n200 concurrent requests (100 steered, {len(SPECS)} specs, {ROWS} rows): wall {wall:.1f}s, "
+        f"{len(expected)} distinct requests, peak waiting for a row {peak_waiting:.0f}, "
+        f"{changed}/{len(steered_pairs)} steered requests differ from unsteered"
+    )
+    assert not mismatches, mismatches[:5]
+    assert changed >= len(steered_pairs) // 4  # the steered references really are steered
+    assert metric(url, "cna_steering_rows_in_use") == 0
+    assert metric(url, "cna_steering_circuit_requests_total", circuit="refusal-top", mode="shift") >= 1
+
+
+async def _disconnect_scenario(url: str, others: list[tuple[str, str, object]]) -> list[str]:
+    async with httpx.AsyncClient(timeout=600, headers=AUTH) as client:
+
+        async def victim() -> int:
+            payload = body("completions", "Once upon a time", SPECS[0], max_tokens=900, ignore_eos=True, stream=True)
+            chunks = 0
+            async with client.stream("POST", url + "/v1/completions", json=payload) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    chunks += line.startswith("data: ")
+                    if chunks >= 3:
+                        break  # leaving the block closes the connection mid-stream
+            return chunks
+
+        async def normal(kind: str, prompt: str, steering) -> str:
+            payload = body(kind, prompt, steering, max_tokens=16, stream=True)
+            text = []
+            async with client.stream("POST", url + path_of(kind), json=payload) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        choice = json.loads(line[6:])["choices"]
+                        if choice:
+                            text.append(
+                                choice[0]["delta"].get("content") or "" if kind == "chat" else choice[0]["text"]
+                            )
+            return "".join(text)
+
+        got = await asyncio.gather(victim(), *(normal(*o) for o in others))
+    return got[1:]
+
+
+def test_disconnect_aborts_only_its_own_request(servers):
+    url = servers.steered.url
+    others = [("chat", PROMPTS[1], None), ("chat", PROMPTS[4], SPECS[1]), ("completions", PROMPTS[3], SPECS[3])]
+    expected = [alone(servers, k, p, s, max_tokens=16) for k, p, s in others]
+    tokens_before = metric(url, "vllm:generation_tokens_total")
+    got = asyncio.run(_disconnect_scenario(url, others))
+    assert got == expected
+    deadline = time.monotonic() + 10
+    while metric(url, "vllm:num_requests_running") + metric(url, "vllm:num_requests_waiting") > 0:
+        assert time.monotonic() < deadline, "the disconnected request kept running"
+        time.sleep(0.25)
+    assert metric(url, "vllm:generation_tokens_total") - tokens_before < 300  # far from the victim's 900
+    assert metric(url, "cna_steering_rows_in_use") == 0
+
+
+# --------------------------------------------------------------------------- prefix caching
+SYSTEM = " ".join(
+    f"Rule {i}: you are a careful, friendly assistant who answers briefly and never invents facts." for i in range(24)
+)
+
+
+def test_shared_system_prompt_with_prefix_caching(servers):
+    url = servers.steered.url
+    questions = PROMPTS[:3]
+    specs = [None, SPECS[1], SPECS[4]]
+    expected = {}
+    for i, q in enumerate(questions):
+        for j, spec in enumerate(specs):
+            payload = body("chat", q, spec, system=SYSTEM)
+            if spec is None:
+                expected[(q, j)] = generate(servers.stock.url, "chat", payload, headers={})
+            else:  # a private cache salt: computed cold, sharing no block with anything
+                expected[(q, j)] = generate(url, "chat", {**payload, "cache_salt": f"cold-{i}-{j}"})
+    assert any(expected[(q, 1)] != expected[(q, 0)] for q in questions)
+    hits = metric(url, "vllm:prefix_cache_hits_total")
+
+    async def mix() -> list[tuple[tuple[str, int], str]]:
+        async with httpx.AsyncClient(timeout=600, headers=AUTH) as client:
+            out = []
+            for _round in range(2):
+                keys = [(q, j) for q in questions for j in (0, 1, 0, 2)]
+                rs = await asyncio.gather(
+                    *(client.post(url + "/v1/chat/completions", json=body("chat", q, specs[j], system=SYSTEM))
+                      for q, j in keys)
+                )  # fmt: skip
+                out += [(key, text_of("chat", r.json())) for key, r in zip(keys, rs, strict=True)]
+            return out
+
+    for key, text in asyncio.run(mix()):
+        assert text == expected[key], key
+    assert metric(url, "vllm:prefix_cache_hits_total") > hits + len(SYSTEM) // 8  # the shared prefix was reused
+
+
+def test_metrics_by_circuit_and_mode(servers):
+    url = servers.steered.url
+    assert metric(url, "cna_steering_circuit_requests_total", circuit="refusal", mode="scale") >= 50
+    assert metric(url, "cna_steering_circuit_requests_total", circuit="refusal", mode="patch") >= 1
+    assert metric(url, "cna_steering_requests_total", endpoint="completions", steered="true") >= 1
+    assert metric(url, "cna_steering_requests_total", endpoint="chat", steered="false") >= 1
+    assert metric(url, "cna_steering_rows_capacity") == ROWS
+    assert metric(url, "cna_steering_rejected_requests_total", code="unknown_circuit") >= 1

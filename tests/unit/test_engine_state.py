@@ -1,0 +1,212 @@
+"""The worker-side row table and the front-end capacity logic, without starting an engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from cna_vllm.circuit import Circuit
+from cna_vllm.engine.layers import SteeredActivation
+from cna_vllm.engine.llm import SpecGate, plan_waves
+from cna_vllm.engine.state import EngineSteeringConfig, SteeringState, shard_index
+from cna_vllm.errors import SteeringError
+from cna_vllm.steering import SteeringSpec, union_neurons
+
+vllm = pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+I = 16  # intermediate size  # noqa: E741
+
+
+def circuit(name, keys, seed=0):
+    rng = np.random.default_rng(seed)
+    n = len(keys)
+    return Circuit(
+        name=name,
+        layers=[k[0] for k in keys],
+        neurons=[k[1] for k in keys],
+        score=np.ones(n),
+        mean_pos=rng.normal(size=n),
+        mean_neg=rng.normal(size=n),
+    )
+
+
+CIRCUITS = {"a": circuit("a", [(0, 1), (0, 9), (1, 3)], 1), "b": circuit("b", [(0, 9), (1, 15)], 2)}
+
+
+def make_state(capacity=3, tp_rank=0, tp_size=1):
+    layers = shard_index(union_neurons(CIRCUITS.values()), I, tp_rank, tp_size)
+    return SteeringState(
+        CIRCUITS, layers, capacity=capacity, max_num_seqs=8, max_num_tokens=64, device=torch.device("cpu")
+    )
+
+
+def params(spec=None):
+    return SamplingParams(max_tokens=1, extra_args={"steering": SteeringSpec.parse(spec).to_list()} if spec else None)
+
+
+def update(removed=(), added=(), moved=()):
+    return BatchUpdate(
+        batch_size=8,
+        removed=list(removed),
+        added=[(i, params(s), [1], []) for i, s in added],
+        moved=list(moved),
+    )
+
+
+def test_identical_specs_share_a_refcounted_row():
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, "a@0"), (1, "a@0"), (2, None), (3, "b@2")]))
+    assert st.slot_rows[:4].tolist() == [1, 1, 0, 2] and st.rows_in_use() == 2
+    st.apply_batch_update(update(removed=[0]))
+    assert st.rows_in_use() == 2  # slot 1 still holds a@0
+    st.apply_batch_update(update(removed=[1]))
+    assert st.rows_in_use() == 1
+    st.apply_batch_update(update(added=[(0, "a@2")]))
+    assert st.slot_rows[0] == 1  # the freed lowest row is reused and rewritten
+    assert torch.equal(st.scale[0][1], torch.tensor([2.0, 2.0]))
+
+
+def test_rows_hold_composed_values_and_row0_is_identity():
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, "a@0.5,b@1:shift")]))
+    delta_b = CIRCUITS["b"].delta
+    # layer 0 union = [1, 9]; neuron 9 is in both circuits: scale 0.5, then shift by -delta
+    assert torch.allclose(st.scale[0][1], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(st.bias[0][1], torch.tensor([0.0, -delta_b[0]]))
+    assert (st.scale[0][0] == 1).all() and (st.bias[0][0] == 0).all()
+
+
+def test_moves_and_swaps_follow_requests():
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, "a@0"), (1, None), (2, "b@2")]))
+    st.apply_batch_update(update(removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert st.slot_rows[:3].tolist() == [2, 0, 0] and st.rows_in_use() == 1
+    st.apply_batch_update(update(moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert st.slot_rows[:2].tolist() == [0, 2]
+    # an add over an occupied slot is an implicit removal
+    st.apply_batch_update(update(added=[(1, None)]))
+    assert st.rows_in_use() == 0
+
+
+def test_capacity_is_a_loud_error_in_the_worker():
+    st = make_state(capacity=2)
+    st.apply_batch_update(update(added=[(0, "a@0"), (1, "a@1"), (2, "a@0")]))
+    with pytest.raises(SteeringError, match="all 2 steering rows are in use"):
+        st.apply_batch_update(update(added=[(3, "b@0")]))
+
+
+def test_prepare_expands_slots_to_tokens():
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, "a@0"), (1, None), (2, "b@2")]))
+    st.prepare(10, torch.tensor([0, 3, 4, 7]))
+    assert st.token_rows[:10].tolist() == [1, 1, 1, 0, 2, 2, 2, 0, 0, 0]
+    st.apply_batch_update(update(removed=[0, 2]))
+    st.prepare(2, torch.tensor([0, 1]))
+    assert not st.token_rows.any()
+    with pytest.raises(SteeringError, match="buffer"):
+        st.prepare(1000, None)
+
+
+def test_activation_wrapper_applies_rows_per_token_and_row0_is_exact():
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, "a@0"), (1, None), (2, "b@3")]))
+    st.prepare(3, torch.tensor([0, 1, 2, 3]))
+    idx = torch.from_numpy(st.layers[0].local_ids)
+    class Fresh(torch.nn.Module):  # like SiluAndMul: returns a new tensor
+        def forward(self, x):
+            return x.clone()
+
+    act = SteeredActivation(Fresh(), 0, idx, st.scale[0], st.bias[0], st.token_rows)
+    x = torch.randn(3, I)
+    y = act(x)
+    assert torch.equal(y[1], x[1])  # unsteered token: bit-exact
+    assert torch.equal(y[0, [1, 9]], torch.zeros(2)) and torch.equal(y[0, 2:9], x[0, 2:9])
+    assert torch.equal(y[2, 9], x[2, 9] * 3) and torch.equal(y[2, 1], x[2, 1])
+
+
+def test_tensor_parallel_shards():
+    union = {0: np.array([1, 7, 8, 15])}
+    r0 = shard_index(union, 16, 0, 2)[0]
+    r1 = shard_index(union, 16, 1, 2)[0]
+    assert r0.global_ids.tolist() == [1, 7] and r0.local_ids.tolist() == [1, 7]
+    assert r1.global_ids.tolist() == [8, 15] and r1.local_ids.tolist() == [0, 7]
+    with pytest.raises(SteeringError, match="divisible"):
+        shard_index(union, 15, 0, 2)
+    st = make_state(tp_rank=1, tp_size=2)  # rank 1 holds neurons 8..15
+    st.apply_batch_update(update(added=[(0, "b@2")]))
+    assert st.layers[0].local_ids.tolist() == [1] and torch.equal(st.scale[0][1], torch.tensor([2.0]))
+
+
+def test_engine_config_roundtrip_and_errors(tmp_path):
+    path = CIRCUITS["a"].save(tmp_path / "a.safetensors")
+    from cna_vllm.engine.state import file_sha256
+
+    cfg = EngineSteeringConfig({"a": {"path": str(path), "sha256": file_sha256(path)}}, 5)
+    back = EngineSteeringConfig.from_additional_config({"cna_vllm": cfg.to_dict()})
+    assert back == cfg and set(back.load_circuits()) == {"a"}
+    with pytest.raises(SteeringError, match="additional_config"):
+        EngineSteeringConfig.from_additional_config({})
+    bad = EngineSteeringConfig({"a": {"path": str(path), "sha256": "0" * 64}})
+    with pytest.raises(SteeringError, match="changed since"):
+        bad.load_circuits()
+    wrong = EngineSteeringConfig({"z": {"path": str(path), "sha256": ""}})
+    with pytest.raises(SteeringError, match="named 'a'"):
+        wrong.load_circuits()
+
+
+def test_plan_waves_bounds_distinct_specs():
+    specs = [SteeringSpec.parse(s) for s in ["a@0", None, "a@1", "a@0", "a@2", "a@3", None, "a@1"]]
+    waves = plan_waves(specs, 2)
+    assert sorted(i for w in waves for i in w) == list(range(len(specs)))
+    for wave in waves:
+        assert len({specs[i].fingerprint() for i in wave if specs[i]}) <= 2
+    assert waves[0] == [0, 1, 2, 3, 6, 7]
+
+
+def test_spec_gate_waits_for_a_free_row():
+    async def run():
+        gate = SpecGate(1)
+        a, b = SteeringSpec.parse("a@0"), SteeringSpec.parse("b@0")
+        await gate.acquire(a)
+        await gate.acquire(a)  # same spec: shares the row
+        waiter = asyncio.create_task(gate.acquire(b))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        await gate.release(a)
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        await gate.release(a)
+        await asyncio.wait_for(waiter, 1)
+        assert set(gate.active) == {b.fingerprint()}
+
+    asyncio.run(run())
+
+
+def test_steering_info_reports_bounded_table_memory():
+    from cna_vllm.engine.llm import steering_info
+
+    info = steering_info(CIRCUITS, 64)
+    assert info["steerable_neurons"] == 4 and info["layers"] == [0, 1]
+    st = make_state(capacity=64)
+    assert info["table_bytes"] == st.table_bytes() == 2 * 4 * 65 * 4
+
+
+def test_spec_in_sampling_params_is_honoured_and_salted():
+    from cna_vllm.engine.llm import effective_spec, steer_request
+
+    sp = params("a@0")
+    spec = effective_spec(SteeringSpec(), sp)
+    assert spec.to_list() == SteeringSpec.parse("a@0").to_list()
+    assert effective_spec(SteeringSpec.parse("b@1"), sp).to_list()[0]["circuit"] == "b"
+    prompt, new = steer_request("hi", sp, spec)
+    assert prompt == {"prompt": "hi", "cache_salt": spec.cache_salt()}
+    assert new.extra_args["steering"] == spec.to_list() and sp.extra_args["steering"] == spec.to_list()
+    prompt, new = steer_request({"prompt_token_ids": [1], "cache_salt": "user"}, sp, spec)
+    assert prompt["cache_salt"] == f"user|{spec.cache_salt()}"
+    prompt, new = steer_request("hi", sp, SteeringSpec())
+    assert prompt == "hi" and not (new.extra_args or {}).get("steering")
