@@ -211,46 +211,14 @@ class Circuit:
         }
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {key: getattr(self, key) for key in TENSORS}
-        save_file(
-            tensors,
-            str(path),
-            metadata={
-                "format": FORMAT,
-                "format_version": str(FORMAT_VERSION),
-                "cna_vllm": json.dumps(self.metadata(), sort_keys=True),
-            },
-        )
-        return path
+        return write_file(path, {key: getattr(self, key) for key in TENSORS}, self.metadata())
 
     @classmethod
     def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> Circuit:
         """Read and strictly check a circuit file; validate it for ``model`` if given."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise CircuitError(f"circuit file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                header = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        except CircuitError:
-            raise
-        except Exception as exc:
-            raise CircuitError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if header.get("format") != FORMAT:
-            raise CircuitError(f"{path} is not a cna-vllm circuit (format={header.get('format')!r})")
-        if header.get("format_version") != str(FORMAT_VERSION):
-            raise CircuitError(
-                f"{path} has format version {header.get('format_version')!r}; this cna-vllm "
-                f"reads version {FORMAT_VERSION}"
-            )
-        kind = _header_kind(header)
+        meta, tensors = read_file(path)
+        kind = meta.get("kind", "cna")
         if kind != "cna":
             raise CircuitError(
                 f"{path} holds {kind!r} steering vectors, not a neuron circuit; load it with "
@@ -262,13 +230,8 @@ class Circuit:
             if tensors[key].dtype != dtype:
                 raise CircuitError(f"{path}: tensor {key!r} is {tensors[key].dtype}, expected {dtype}")
         try:
-            meta = json.loads(header["cna_vllm"])
-            name = meta["name"]
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise CircuitError(f"{path} has missing or malformed metadata: {exc}") from exc
-        try:
             circuit = cls(
-                name=name,
+                name=meta["name"],
                 model=ModelIdentity(**meta["model"]) if meta.get("model") else None,
                 description=meta.get("description", ""),
                 discovery=meta.get("discovery", {}),
@@ -278,8 +241,8 @@ class Circuit:
             )
         except CircuitError as exc:
             raise CircuitError(f"{path}: {exc}") from exc
-        except TypeError as exc:
-            raise CircuitError(f"{path} has malformed model metadata: {exc}") from exc
+        except (KeyError, TypeError) as exc:
+            raise CircuitError(f"{path} has malformed metadata: {exc!r}") from exc
         if model is not None:
             circuit.validate_for(model)
         return circuit
@@ -310,11 +273,43 @@ class Circuit:
         return "\n".join(lines)
 
 
-def _header_kind(header: dict) -> str:
+def write_file(path: str | Path, tensors: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write a cna-vllm circuit file (any kind): tensors plus the versioned JSON metadata."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "cna_vllm": json.dumps(meta, sort_keys=True)}
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def read_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(metadata JSON, tensors)`` of a cna-vllm circuit file of any kind, format checked."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CircuitError(f"circuit file {path} does not exist")
     try:
-        return json.loads(header.get("cna_vllm") or "{}").get("kind", "cna")
-    except (json.JSONDecodeError, AttributeError):
-        return "cna"  # malformed metadata is reported by the caller
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CircuitError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if header.get("format") != FORMAT:
+        raise CircuitError(f"{path} is not a cna-vllm circuit (format={header.get('format')!r})")
+    if header.get("format_version") != str(FORMAT_VERSION):
+        raise CircuitError(
+            f"{path} has format version {header.get('format_version')!r}; this cna-vllm reads version {FORMAT_VERSION}"
+        )
+    try:
+        meta = json.loads(header["cna_vllm"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CircuitError(f"{path} has missing or malformed metadata: {exc!r}") from exc
+    if not isinstance(meta, dict):
+        raise CircuitError(f"{path} has malformed metadata (not a JSON object)")
+    return meta, tensors
 
 
 def load_dir(directory: str | Path, model: ModelIdentity | str | Path | None = None) -> dict[str, Circuit]:

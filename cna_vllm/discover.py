@@ -82,6 +82,13 @@ def encode(tokenizer, prompts: Sequence[str], *, chat_template: bool) -> list[li
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def _left_padded(batch: Sequence[Sequence[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -300,7 +307,7 @@ def discover(
     if config.universal_filter and diverse is not None:
         # Raw and chat-formatted, so the filter sees both kinds of last token.
         diverse_ids = ids(diverse, False) + (ids(diverse, True) if chat else [])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_id = pad_token_id(tokenizer)
     layers, neurons, pos, neg, report = discover_ids(
         model,
         ids(positive, chat),
@@ -425,7 +432,7 @@ def discover_caa(
     """CAA vectors from prompt sets, as a :class:`~cna_vllm.vectors.VectorSet`."""
     from cna_vllm.vectors import VectorSet
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_id = pad_token_id(tokenizer)
     chosen, vectors = caa_vectors(
         model,
         encode(tokenizer, list(positive), chat_template=chat_template),

@@ -16,6 +16,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating folders) and close ``fig``."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def plot_layer_counts(circuit: Circuit, path: str | Path, num_layers: int | None = None) -> Path:
     """Bar chart of the circuit's neurons per layer."""
     plt = pyplot()
@@ -28,9 +38,4 @@ def plot_layer_counts(circuit: Circuit, path: str | Path, num_layers: int | None
     ax.set_ylabel("neurons")
     ax.set_title(f"{circuit.name}: {len(circuit)} neurons by layer")
     ax.set_xticks(xs[:: max(1, num_layers // 16)])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

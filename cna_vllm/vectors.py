@@ -20,14 +20,13 @@ JSON has ``kind: "caa"`` and ``site`` beside the fields a CNA circuit has.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from cna_vllm.circuit import FORMAT, FORMAT_VERSION, tool_version
+from cna_vllm.circuit import read_file, tool_version, write_file
 from cna_vllm.errors import CircuitError
 from cna_vllm.models import ModelIdentity
 
@@ -106,40 +105,11 @@ class VectorSet:
         }
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"layers": self.layers, "vectors": self.vectors},
-            str(path),
-            metadata={
-                "format": FORMAT,
-                "format_version": str(FORMAT_VERSION),
-                "cna_vllm": json.dumps(self.metadata(), sort_keys=True),
-            },
-        )
-        return path
+        return write_file(path, {"layers": self.layers, "vectors": self.vectors}, self.metadata())
 
     @classmethod
     def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> VectorSet:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise CircuitError(f"vector file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                header = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        except Exception as exc:
-            raise CircuitError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if header.get("format") != FORMAT or header.get("format_version") != str(FORMAT_VERSION):
-            raise CircuitError(f"{path} is not a cna-vllm circuit file of format version {FORMAT_VERSION}")
-        try:
-            meta = json.loads(header["cna_vllm"])
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise CircuitError(f"{path} has missing or malformed metadata: {exc}") from exc
+        meta, tensors = read_file(path)
         if meta.get("kind") != KIND:
             raise CircuitError(f"{path} is not a CAA vector file (kind {meta.get('kind', 'cna')!r})")
         for key in ("layers", "vectors"):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from cna_vllm.circuit import Circuit
-from cna_vllm.plots import pyplot
+from cna_vllm.plots import pyplot, save_figure
 
 
 def overlap(a: Circuit, b: Circuit, top: int | None = None) -> dict[str, Any]:
@@ -59,9 +59,4 @@ def plot_overlap(result: dict[str, Any], path: str | Path) -> Path:
         f"Jaccard {result['jaccard']:.3f}"
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cna_vllm.plots import pyplot
+from cna_vllm.plots import pyplot, save_figure
 
 
 def _pct(x: float | None) -> str:
@@ -90,8 +90,4 @@ def plot_ab(report: dict[str, Any], path: str | Path) -> Path:
         )
     else:
         axes[2].set_axis_off()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -12,7 +12,7 @@ from typing import Any
 
 from cna_vllm.circuit import Circuit
 from cna_vllm.evaluate.ab import BASELINE, Arm
-from cna_vllm.plots import pyplot
+from cna_vllm.plots import pyplot, save_figure
 from cna_vllm.steering import SteeringItem, SteeringSpec
 
 
@@ -121,8 +121,4 @@ def plot_sweep(report: dict[str, Any], summary: dict[str, Any], path: str | Path
         ax.set_title(title)
         ax.set_ylim(0, 1.02)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
