@@ -27,11 +27,15 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from cna_vllm.errors import CircuitError
 from cna_vllm.models import ModelIdentity
+
+if TYPE_CHECKING:
+    from cna_vllm.vectors import VectorSet
 
 FORMAT = "cna-vllm/circuit"
 FORMAT_VERSION = 1
@@ -57,6 +61,7 @@ def tool_version() -> str:
 class Circuit:
     """A set of ``(layer, neuron)`` pairs with discovery statistics and metadata."""
 
+    kind: ClassVar[str] = "cna"
     name: str
     layers: np.ndarray
     neurons: np.ndarray
@@ -312,11 +317,15 @@ def read_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, tensors
 
 
-def load_dir(directory: str | Path, model: ModelIdentity | str | Path | None = None) -> dict[str, Circuit]:
-    """Load every ``*.safetensors`` circuit in a directory, keyed by circuit name."""
-    out: dict[str, Circuit] = {}
+def load_dir(
+    directory: str | Path, model: ModelIdentity | str | Path | None = None
+) -> dict[str, Circuit | VectorSet]:
+    """Load every ``*.safetensors`` circuit file (neuron circuits and CAA vectors) in a directory, by name."""
+    from cna_vllm.vectors import load_any
+
+    out: dict[str, Circuit | VectorSet] = {}
     for path in sorted(Path(directory).glob("*.safetensors")):
-        circuit = Circuit.load(path, model)
+        circuit = load_any(path, model)
         if circuit.name in out:
             raise CircuitError(f"two circuits in {directory} are named {circuit.name!r}")
         out[circuit.name] = circuit

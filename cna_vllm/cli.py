@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def _backend(args: argparse.Namespace, circuits=None):
     from cna_vllm.models import model_alias
 
     circuits = circuits or args.circuits or REPO_CIRCUITS / model_alias(args.model)
+    if hasattr(os, "sched_getaffinity"):  # offline: the engine may use every core (vLLM keeps one back)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     return EngineBackend(
         args.model, circuits, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
         kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
@@ -163,7 +166,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
         base_dir = args.circuits or REPO_CIRCUITS / model_alias(args.model)
         circuits = {**load_dir(base_dir), **circuits}
-    arms = sweep_arms(names, args.modes.split(","), [float(v) for v in args.values.split(",")])
+    arms = sweep_arms(
+        names,
+        args.modes.split(","),
+        [float(v) for v in args.values.split(",")],
+        list(args.caa),
+        [float(v) for v in args.caa_alphas.split(",")],
+    )
     harmful, harmless, mmlu = _eval_sets(args)
     backend = _backend(args, circuits or None)
     try:
@@ -305,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--circuit", action="append", default=[], help="circuit name to sweep (repeatable)")
     p.add_argument("--modes", default="scale", help="comma-separated modes: scale, patch, shift")
     p.add_argument("--values", default="0,0.5,1.5,2,3", help="m for scale, α for the other modes")
+    p.add_argument("--caa", action="append", default=[], help="CAA vector set to sweep in shift mode (repeatable)")
+    p.add_argument("--caa-alphas", default="0.25,0.5,1", help="α values for the --caa vector sets")
     p.add_argument("--wide-circuit", help="a circuit file discovered at the largest fraction, for --fractions")
     p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
     p.add_argument("--target-reduction", type=float, default=0.5, help="minimum relative refusal reduction")

@@ -11,6 +11,11 @@ patch   ``alpha`` α               a ← (1−α)·a + α·μ⁻           (1−
 shift   ``alpha`` α               a ← a − α·δ, δ = μ⁺ − μ⁻     (1, −α·δ)
 ======= ========================= ============================ ================
 
+**CAA vectors.** An item may also name a :class:`~cna_vllm.vectors.VectorSet` (kind
+``caa``). Its only mode is ``shift``: layer l's MLP output gets ``−α·v_l`` added at every
+token, with ``v`` the positive-minus-negative mean difference, so that α > 0 moves away
+from the positive set as ``shift`` does for neurons. Vector items add up.
+
 **Composition.** Items apply in the listed order. Where two items touch the same neuron
 the maps compose: after ``(s1, b1)`` then ``(s2, b2)`` the neuron holds
 ``s2·(s1·a + b1) + b2``, i.e. ``(s2·s1, s2·b1 + b2)``. Order matters only for neurons
@@ -37,6 +42,7 @@ from cna_vllm.errors import SteeringError
 
 if TYPE_CHECKING:
     from cna_vllm.circuit import Circuit
+    from cna_vllm.vectors import VectorSet
 
 MODES: dict[str, str] = {"scale": "multiplier", "patch": "alpha", "shift": "alpha"}
 """Each mode and the name of the number it takes."""
@@ -44,8 +50,18 @@ MAX_ABS_VALUE = 100.0
 """Bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
 MAX_ITEMS = 16
 
+VECTOR_MODES = ("shift",)
+"""The modes a CAA vector set takes."""
+
 LayerRows = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
 """``{layer: (neuron_idx int64 ascending, s float32, b float32)}``."""
+LayerOffsets = dict[int, np.ndarray]
+"""``{layer: float32 [hidden]}``, added to the layer's MLP output."""
+
+
+def is_vector_set(obj: Any) -> bool:
+    """True for a CAA :class:`~cna_vllm.vectors.VectorSet` (or its metadata dict)."""
+    return (obj.get("kind") if isinstance(obj, Mapping) else getattr(obj, "kind", "cna")) == "caa"
 
 
 @dataclass(frozen=True)
@@ -110,11 +126,19 @@ class SteeringSpec:
         return self
 
     def validate(self, circuits: Mapping[str, Any]) -> SteeringSpec:
-        """Raise :class:`SteeringError` unless every item names a circuit in ``circuits``."""
+        """Raise :class:`SteeringError` unless every item names a circuit in ``circuits`` in a mode it takes.
+
+        ``circuits`` maps names to circuits, vector sets or their metadata dicts.
+        """
         for item in self.items:
             if item.circuit not in circuits:
                 known = ", ".join(sorted(circuits)) or "none loaded"
                 raise SteeringError(f"unknown circuit {item.circuit!r}; known circuits: {known}")
+            if is_vector_set(circuits[item.circuit]) and item.mode not in VECTOR_MODES:
+                raise SteeringError(
+                    f"{item.circuit!r} is a CAA vector set: it takes mode 'shift' with alpha "
+                    f"(e.g. {item.circuit}@1:shift), not {item.mode!r}"
+                )
         return self
 
     # ------------------------------------------------------------------ identity
@@ -143,12 +167,14 @@ class SteeringSpec:
         return f"cna-steer-{self.fingerprint()}" if self.items else None
 
     # ------------------------------------------------------------------ engine rows
-    def to_rows(self, circuits: Mapping[str, Circuit]) -> LayerRows:
-        """Compose the items into per-layer ``(neuron_idx, s, b)`` (see module docstring)."""
+    def to_rows(self, circuits: Mapping[str, Circuit | VectorSet]) -> LayerRows:
+        """Compose the neuron items into per-layer ``(neuron_idx, s, b)`` (see module docstring)."""
         self.validate(circuits)
         acc: dict[int, dict[int, tuple[float, float]]] = {}
         for item in self.items:
             circuit = circuits[item.circuit]
+            if is_vector_set(circuit):
+                continue
             s_arr, b_arr = item.affine(circuit)
             for layer, neuron, s, b in zip(
                 circuit.layers.tolist(), circuit.neurons.tolist(), s_arr.tolist(), b_arr.tolist(), strict=True
@@ -167,6 +193,21 @@ class SteeringSpec:
                 sb[:, 1].astype(np.float32),
             )
         return rows
+
+    def to_offsets(self, circuits: Mapping[str, Circuit | VectorSet]) -> LayerOffsets:
+        """Sum the vector items into per-layer MLP-output offsets ``−Σ α·v_l`` (float32)."""
+        self.validate(circuits)
+        acc: dict[int, np.ndarray] = {}
+        for item in self.items:
+            vectors = circuits[item.circuit]
+            if not is_vector_set(vectors):
+                continue
+            for layer, v in zip(vectors.layers.tolist(), vectors.vectors, strict=True):
+                acc[layer] = acc.get(layer, 0.0) - float(item.value) * v.astype(np.float64)
+        out = {layer: np.asarray(acc[layer], dtype=np.float32) for layer in sorted(acc)}
+        if not all(np.isfinite(v).all() for v in out.values()):
+            raise SteeringError(f"steering {self} produces non-finite offsets")
+        return out
 
 
 def _number(value: Any, what: str) -> float:
@@ -245,10 +286,17 @@ def parse_many(steering: Any, n: int) -> list[SteeringSpec]:
     return [SteeringSpec.parse(steering)] * n
 
 
-def union_neurons(circuits: Iterable[Circuit]) -> dict[int, np.ndarray]:
-    """Per layer, the ascending union of neuron indices over ``circuits`` (the sparse index)."""
+def union_neurons(circuits: Iterable[Circuit | VectorSet]) -> dict[int, np.ndarray]:
+    """Per layer, the ascending union of neuron indices over the neuron circuits (the sparse index)."""
     acc: dict[int, set[int]] = {}
     for circuit in circuits:
+        if is_vector_set(circuit):
+            continue
         for layer, neuron in circuit.pairs():
             acc.setdefault(layer, set()).add(neuron)
     return {layer: np.array(sorted(acc[layer]), dtype=np.int64) for layer in sorted(acc)}
+
+
+def vector_layers(circuits: Iterable[Circuit | VectorSet]) -> list[int]:
+    """The layers whose MLP output some CAA vector set offsets."""
+    return sorted({layer for c in circuits if is_vector_set(c) for layer in c.layers.tolist()})

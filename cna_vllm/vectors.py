@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from cna_vllm.circuit import read_file, tool_version, write_file
+from cna_vllm.circuit import Circuit, read_file, tool_version, write_file
 from cna_vllm.errors import CircuitError
 from cna_vllm.models import ModelIdentity
 
@@ -38,6 +39,7 @@ KIND = "caa"
 class VectorSet:
     """Per-layer steering vectors (CAA) with the same metadata as a circuit."""
 
+    kind: ClassVar[str] = KIND
     name: str
     layers: np.ndarray
     vectors: np.ndarray
@@ -134,10 +136,8 @@ class VectorSet:
         return out
 
 
-def load_any(path: str | Path, model: ModelIdentity | str | Path | None = None):
+def load_any(path: str | Path, model: ModelIdentity | str | Path | None = None) -> Circuit | VectorSet:
     """A :class:`~cna_vllm.circuit.Circuit` or a :class:`VectorSet`, by the file's kind."""
-    from cna_vllm.circuit import Circuit
-
     try:
         return Circuit.load(path, model)
     except CircuitError as exc:

@@ -1,4 +1,8 @@
-"""The HF transformers reference: greedy generation with steering by forward pre-hooks on ``down_proj``."""
+"""The HF transformers reference: greedy generation with steering by hooks.
+
+Neuron items: forward pre-hooks on ``mlp.down_proj`` (its input is the steered activation).
+CAA vector items: forward hooks on ``mlp`` adding the offset to its output at every position.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,13 @@ class HFReference:
                 return (x,)
 
             handles.append(self._layers()[layer].mlp.down_proj.register_forward_pre_hook(hook))
+        for layer, offset in spec.to_offsets(self.circuits).items():
+            off_t = torch.from_numpy(offset)
+
+            def out_hook(_module, _args, output, off_t=off_t):
+                return output + off_t
+
+            handles.append(self._layers()[layer].mlp.register_forward_hook(out_hook))
         try:
             ids = torch.tensor([list(prompt_ids)])
             result: list[int] = []

@@ -47,3 +47,20 @@ class SteeredActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, steerable={self.columns.numel()}, rows={self.scale.shape[0]}"
+
+
+class MLPOutputOffset:
+    """Mixin for a decoder layer's MLP: adds this token's row of ``offset`` to the output (CAA).
+
+    The MLP's class becomes ``(MLPOutputOffset, StockMLP)`` (patch P4), so weight names and
+    loading are untouched. Row 0 is all zeros: unsteered tokens come out bit-identical.
+    Under tensor parallelism the output is already all-reduced, so each rank adds once.
+    """
+
+    cna_offset: torch.Tensor  # [rows, hidden] float32
+    cna_token_rows: torch.Tensor  # [max_tokens] int64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # type: ignore[misc]
+        rows = self.cna_token_rows[: out.shape[0]]
+        return out + self.cna_offset.index_select(0, rows).to(out.dtype)

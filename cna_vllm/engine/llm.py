@@ -8,6 +8,11 @@ steering-keyed ``cache_salt``, so prefix-cache blocks are never shared across sp
 
 Capacity: at most ``max_steering_configs`` distinct specs may be in flight. Further
 requests with new specs *wait* (offline: later waves; async: until a row frees up).
+
+Hot-loading: an engine built with ``hot_load_neurons`` > 0 reserves that many spare
+steerable neurons per layer (and an offset table per layer), and :meth:`add_circuit`
+adds circuits or CAA vector sets while it runs, through the worker RPCs of
+:mod:`cna_vllm.engine.worker`.
 """
 
 from __future__ import annotations
@@ -29,17 +34,20 @@ from cna_vllm.engine.state import (
     DEFAULT_MAX_STEERING_CONFIGS,
     LOGITS_PROCESSOR_FQCN,
     EngineSteeringConfig,
+    Source,
     file_sha256,
 )
-from cna_vllm.errors import SteeringError
+from cna_vllm.engine.worker import WORKER_EXTENSION_FQCN
+from cna_vllm.errors import CnaError, SteeringError
 from cna_vllm.models import cache_dir, resolve_model
-from cna_vllm.steering import SteeringSpec, parse_many, union_neurons
+from cna_vllm.steering import SteeringSpec, parse_many, union_neurons, vector_layers
+from cna_vllm.vectors import VectorSet, load_any
 
-CircuitsArg = Mapping[str, str | Path | Circuit] | str | Path | None
+CircuitsArg = Mapping[str, str | Path | Source] | str | Path | None
 
 
 # --------------------------------------------------------------------------- engine config
-def _circuit_file(name: str, circuit: Circuit) -> Path:
+def _circuit_file(name: str, circuit: Source) -> Path:
     """A content-addressed copy of ``circuit`` named ``name`` in the cache (stable across runs)."""
     root = cache_dir() / "engine-circuits"
     root.mkdir(parents=True, exist_ok=True)
@@ -51,10 +59,10 @@ def _circuit_file(name: str, circuit: Circuit) -> Path:
     return final
 
 
-def prepare_circuits(circuits: CircuitsArg, model_dir: str | Path) -> tuple[dict[str, Circuit], dict]:
+def prepare_circuits(circuits: CircuitsArg, model_dir: str | Path) -> tuple[dict[str, Source], dict]:
     """Load, validate against the model and locate the circuits: ``(by name, config entries)``."""
     if circuits is None:
-        loaded: dict[str, Circuit] = {}
+        loaded: dict[str, Source] = {}
         files: dict[str, Path] = {}
     elif isinstance(circuits, str | Path):
         loaded = load_dir(circuits)
@@ -64,18 +72,32 @@ def prepare_circuits(circuits: CircuitsArg, model_dir: str | Path) -> tuple[dict
     else:
         loaded, files = {}, {}
         for name, value in circuits.items():
-            if isinstance(value, Circuit):
+            if isinstance(value, Circuit | VectorSet):
                 loaded[name] = value
             else:
-                loaded[name] = Circuit.load(value)
+                loaded[name] = load_any(value)
                 if loaded[name].name == name:
                     files[name] = Path(value).resolve()
     entries = {}
     for name, circuit in loaded.items():
-        circuit.validate_for(model_dir)
-        path = files.get(name) or _circuit_file(name, circuit)
-        entries[name] = {"path": str(path), "sha256": file_sha256(path)}
+        entries[name] = circuit_entry(name, circuit, model_dir, files.get(name))
     return loaded, entries
+
+
+def circuit_entry(name: str, circuit: Source, model_dir: str | Path, path: Path | None = None) -> dict[str, str]:
+    """Validate ``circuit`` for the model; its engine config entry ``{"path", "sha256"}``."""
+    circuit.validate_for(model_dir)
+    path = path or _circuit_file(name, circuit)
+    return {"path": str(path), "sha256": file_sha256(path)}
+
+
+def hot_load_entry(source: str | Path | Source, model_dir: str | Path) -> tuple[str, Source, dict[str, str]]:
+    """``(name, circuit, entry)`` for a circuit to add to a running engine (validated for the model)."""
+    if isinstance(source, Circuit | VectorSet):
+        return source.name, source, circuit_entry(source.name, source, model_dir)
+    path = Path(source).resolve()
+    circuit = load_any(path)
+    return circuit.name, circuit, circuit_entry(circuit.name, circuit, model_dir, path)
 
 
 def engine_kwargs(
@@ -83,8 +105,9 @@ def engine_kwargs(
     circuits: CircuitsArg = None,
     *,
     max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
+    hot_load_neurons: int = 0,
     **vllm_kwargs: Any,
-) -> tuple[dict[str, Any], dict[str, Circuit]]:
+) -> tuple[dict[str, Any], dict[str, Source]]:
     """vLLM engine keyword arguments for a steered engine, and the loaded circuits."""
     model_dir = resolve_model(str(model), progress=False)
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -95,12 +118,14 @@ def engine_kwargs(
     kw = dict(vllm_kwargs)
     kw["model"] = str(model_dir)
     kw["hf_overrides"] = {**(kw.get("hf_overrides") or {}), "architectures": [STEERED[arch]]}
-    section = EngineSteeringConfig(entries, max_steering_configs).to_dict()
+    section = EngineSteeringConfig(entries, max_steering_configs, hot_load_neurons).to_dict()
     kw["additional_config"] = {**(kw.get("additional_config") or {}), CONFIG_KEY: section}
     procs = list(kw.get("logits_processors") or [])
     if LOGITS_PROCESSOR_FQCN not in procs:
         procs.append(LOGITS_PROCESSOR_FQCN)
     kw["logits_processors"] = procs
+    if not kw.get("worker_extension_cls"):
+        kw["worker_extension_cls"] = WORKER_EXTENSION_FQCN  # add_circuit's RPCs
     if kw.get("speculative_config"):
         raise SteeringError("speculative decoding is not supported with steering")
     # The V1 runner is required (patches.P3); the worker refuses V2 loudly if this is overridden.
@@ -112,16 +137,20 @@ def engine_kwargs(
     return kw, loaded
 
 
-def steering_info(circuits: Mapping[str, Circuit], capacity: int) -> dict[str, Any]:
-    """What the engine holds for steering: circuits, sparse-index size and row-table memory (TP=1)."""
+def steering_info(circuits: Mapping[str, Source], capacity: int) -> dict[str, Any]:
+    """What the engine holds for steering: circuits, sparse-index size and row-table memory (TP=1, no hot-load)."""
     union = union_neurons(circuits.values())
     k = sum(len(v) for v in union.values())
+    offsets = vector_layers(circuits.values())
+    hidden = max((c.vectors.shape[1] for c in circuits.values() if isinstance(c, VectorSet)), default=0)
     return {
         "circuits": {name: len(c) for name, c in circuits.items()},
         "steerable_neurons": k,
         "layers": sorted(union),
+        "offset_layers": offsets,
         "max_steering_configs": capacity,
-        "table_bytes": 2 * 4 * (capacity + 1) * k,  # scale + bias, float32, row 0 = identity
+        # float32 tables with row 0 = identity: scale + bias per neuron, one offset per layer
+        "table_bytes": 4 * (capacity + 1) * (2 * k + hidden * len(offsets)),
     }
 
 
@@ -205,12 +234,52 @@ class SpecGate:
             self._cond.notify_all()
 
 
+# --------------------------------------------------------------------------- shared front end
+class _SteeredFrontEnd:
+    """What the offline and async front ends share: circuits, validation, capacity, hot-load."""
+
+    def _setup(
+        self,
+        model: str | Path,
+        circuits: CircuitsArg,
+        max_steering_configs: int,
+        hot_load_neurons: int,
+        vllm_kwargs: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Load the circuits; the engine keyword arguments."""
+        kw, self.circuits = engine_kwargs(
+            model,
+            circuits,
+            max_steering_configs=max_steering_configs,
+            hot_load_neurons=hot_load_neurons,
+            **vllm_kwargs,
+        )
+        self.model_dir = kw["model"]
+        self.max_steering_configs = max_steering_configs
+        self.hot_load_neurons = hot_load_neurons
+        return kw
+
+    def steering_info(self) -> dict[str, Any]:
+        return {**steering_info(self.circuits, self.max_steering_configs), "hot_load_neurons": self.hot_load_neurons}
+
+    def _hot_load(self, source: str | Path | Source) -> tuple[str, Source, dict[str, str]]:
+        name, circuit, entry = hot_load_entry(source, self.model_dir)
+        if name in self.circuits:
+            raise SteeringError(f"a circuit named {name!r} is already loaded")
+        return name, circuit, entry
+
+
+def _rpc_error(exc: Exception) -> SteeringError:
+    """A worker-side failure of a hot-load RPC, as a :class:`SteeringError` with the worker's message."""
+    return exc if isinstance(exc, SteeringError) else SteeringError(f"the engine refused the circuit: {exc}")
+
+
 # --------------------------------------------------------------------------- offline API
-class SteeredLLM:
+class SteeredLLM(_SteeredFrontEnd):
     """``vllm.LLM`` with circuits and a per-request ``steering=`` argument.
 
-    ``circuits`` is ``{name: path or Circuit}`` or a directory of circuit files. Any other
-    keyword goes to ``vllm.LLM``.
+    ``circuits`` is ``{name: path, Circuit or VectorSet}`` or a directory of circuit files.
+    Any other keyword goes to ``vllm.LLM``.
     """
 
     def __init__(
@@ -219,13 +288,25 @@ class SteeredLLM:
         circuits: CircuitsArg = None,
         *,
         max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
+        hot_load_neurons: int = 0,
         **vllm_kwargs: Any,
     ) -> None:
         from vllm import LLM
 
-        kw, self.circuits = engine_kwargs(model, circuits, max_steering_configs=max_steering_configs, **vllm_kwargs)
-        self.max_steering_configs = max_steering_configs
-        self.llm = LLM(**kw)
+        self.llm = LLM(**self._setup(model, circuits, max_steering_configs, hot_load_neurons, vllm_kwargs))
+
+    def add_circuit(self, source: str | Path | Source) -> str:
+        """Add a circuit or vector set (file or object) to the running engine; returns its name."""
+        name, circuit, entry = self._hot_load(source)
+        try:
+            self.llm.collective_rpc("cna_check_circuit", args=(name, entry))
+            self.llm.collective_rpc("cna_add_circuit", args=(name, entry))
+        except CnaError:
+            raise
+        except Exception as exc:  # a worker's error comes back as a generic exception
+            raise _rpc_error(exc) from exc
+        self.circuits[name] = circuit
+        return name
 
     def specs(self, steering: Any, n: int) -> list[SteeringSpec]:
         """Parse and validate ``steering`` (one spec for all, or one per prompt)."""
@@ -286,16 +367,13 @@ class SteeredLLM:
     def get_tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
 
-    def steering_info(self) -> dict[str, Any]:
-        return steering_info(self.circuits, self.max_steering_configs)
-
     def shutdown(self) -> None:
         """Stop the engine core process now (rather than at garbage collection)."""
         self.llm.llm_engine.engine_core.shutdown()
 
 
 # --------------------------------------------------------------------------- async API
-class AsyncSteeredLLM:
+class AsyncSteeredLLM(_SteeredFrontEnd):
     """``vllm.v1.engine.async_llm.AsyncLLM`` with circuits and per-request steering.
 
     ``engine`` is the underlying ``AsyncLLM`` (the server builds on it). Call
@@ -308,13 +386,13 @@ class AsyncSteeredLLM:
         circuits: CircuitsArg = None,
         *,
         max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
+        hot_load_neurons: int = 0,
         **vllm_kwargs: Any,
     ) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kw, self.circuits = engine_kwargs(model, circuits, max_steering_configs=max_steering_configs, **vllm_kwargs)
-        self.max_steering_configs = max_steering_configs
+        kw = self._setup(model, circuits, max_steering_configs, hot_load_neurons, vllm_kwargs)
         self.gate = SpecGate(max_steering_configs)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
@@ -322,7 +400,14 @@ class AsyncSteeredLLM:
         return SteeringSpec.parse(steering).validate(self.circuits)
 
     def steering_info(self) -> dict[str, Any]:
-        return {**steering_info(self.circuits, self.max_steering_configs), "in_flight_specs": len(self.gate.active)}
+        return {**super().steering_info(), "in_flight_specs": len(self.gate.active)}
+
+    async def add_circuit(self, source: str | Path | Source) -> str:
+        """Add a circuit or vector set to the running engine; returns its name."""
+        name, circuit, entry = self._hot_load(source)
+        await add_to_engine(self.engine, name, entry)
+        self.circuits[name] = circuit
+        return name
 
     async def generate(
         self,
@@ -345,3 +430,14 @@ class AsyncSteeredLLM:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+async def add_to_engine(engine: Any, name: str, entry: dict[str, str]) -> None:
+    """Check on every worker, then add: circuit ``name`` (``{"path", "sha256"}``) in a running ``AsyncLLM``."""
+    try:
+        await engine.collective_rpc("cna_check_circuit", args=(name, entry))
+        await engine.collective_rpc("cna_add_circuit", args=(name, entry))
+    except CnaError:
+        raise
+    except Exception as exc:  # a worker's error comes back as a generic exception
+        raise _rpc_error(exc) from exc

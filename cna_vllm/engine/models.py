@@ -2,7 +2,8 @@
 
 Each ``Steered<Arch>`` is the stock class plus :class:`SteeredMixin`: after the stock
 ``__init__`` it loads the circuits named in ``additional_config``, validates them against
-the model, wraps every held layer's activation, and registers the worker's
+the model, wraps the activation of every layer with steerable neurons, gives every layer
+with CAA vectors an output offset, and registers the worker's
 :class:`~cna_vllm.engine.state.SteeringState`. Its ``forward`` writes the step's per-token
 rows, then runs the stock forward. Weights, loading and everything else are unchanged.
 """
@@ -24,9 +25,8 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from cna_vllm.engine import patches
 from cna_vllm.engine.layers import SteeredActivation
-from cna_vllm.engine.state import EngineSteeringConfig, SteeringState, register_state, shard_index
+from cna_vllm.engine.state import EngineSteeringConfig, SteeringState, register_state
 from cna_vllm.models import ModelIdentity
-from cna_vllm.steering import union_neurons
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,14 @@ def _model_identity(vllm_config: Any) -> str | ModelIdentity:
     )
 
 
+def validate_source(circuit: Any, ident: str | ModelIdentity) -> None:
+    """Validate a circuit or vector set for the served model (fingerprint only for local dirs)."""
+    if isinstance(ident, ModelIdentity):
+        circuit.validate_for(ident, check_fingerprint=False)
+    else:
+        circuit.validate_for(ident)
+
+
 class SteeredMixin:
     """Adds per-request MLP-neuron steering to a stock vLLM ``*ForCausalLM``."""
 
@@ -58,48 +66,42 @@ class SteeredMixin:
 
         cfg = EngineSteeringConfig.from_additional_config(vllm_config.additional_config)
         ident = _model_identity(vllm_config)
-        circuits = cfg.load_circuits(None)
+        circuits = cfg.load_circuits()
         for circuit in circuits.values():
-            if isinstance(ident, ModelIdentity):
-                circuit.validate_for(ident, check_fingerprint=False)
-            else:
-                circuit.validate_for(ident)
+            validate_source(circuit, ident)
         text = vllm_config.model_config.hf_text_config
         mlps = dict(patches.decoder_mlps(self))
-        layers = {
-            layer: index
-            for layer, index in shard_index(
-                union_neurons(circuits.values()),
-                text.intermediate_size,
-                get_tensor_model_parallel_rank(),
-                get_tensor_model_parallel_world_size(),
-            ).items()
-            if layer in mlps and len(index.local_ids)
-        }
         device = next(self.parameters()).device
         sched = vllm_config.scheduler_config
-        max_tokens = max(sched.max_num_batched_tokens, vllm_config.model_config.max_model_len) + 64
-        self.steering = SteeringState(
+        self.steering = SteeringState.build(
             circuits,
-            layers,
+            mlps,
+            intermediate_size=text.intermediate_size,
+            hidden_size=text.hidden_size,
+            tp_rank=get_tensor_model_parallel_rank(),
+            tp_size=get_tensor_model_parallel_world_size(),
+            hot_load_neurons=cfg.hot_load_neurons,
             capacity=cfg.max_steering_configs,
             max_num_seqs=sched.max_num_seqs,
-            max_num_tokens=max_tokens,
+            max_num_tokens=max(sched.max_num_batched_tokens, vllm_config.model_config.max_model_len) + 64,
             device=device,
         )
-        for layer, index in layers.items():
+        self.steering.identity = ident  # hot-loaded circuits are validated against it
+        for layer, cols in self.steering.columns.items():
             mlp = mlps[layer]
             patches.set_activation(
                 mlp,
                 SteeredActivation(
                     mlp.act_fn,
                     layer,
-                    torch.from_numpy(index.local_ids).to(device),
+                    cols.columns,
                     self.steering.scale[layer],
                     self.steering.bias[layer],
                     self.steering.token_rows,
                 ),
             )
+        for layer, offset in self.steering.offset.items():
+            patches.add_output_offset(mlps[layer], offset, self.steering.token_rows)
         register_state(vllm_config.instance_id, self.steering)
         logger.info("%s", self.steering.describe())
 

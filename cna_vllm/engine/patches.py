@@ -122,3 +122,31 @@ def check_supported(vllm_config: Any) -> None:
         problems.append(f"the logits processor {LOGITS_PROCESSOR_FQCN!r} is not registered (logits_processors=)")
     if problems:
         raise SteeringError("cna-vllm cannot steer this configuration:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- P4
+# P4 giving a stock MLP module an output offset (CAA vectors) by class swap.
+#   why:  CAA adds a vector to each layer's MLP output. Wrapping ``layers[i].mlp`` in a new
+#         module would rename its weights (``mlp.inner.gate_up_proj``) and break loading;
+#         a forward hook is not guaranteed under torch.compile.
+#   how:  after the stock ``__init__``, set ``mlp.__class__`` to a cached subclass
+#         ``(MLPOutputOffset, StockMLP)`` and register two non-persistent buffers. The
+#         stock forward runs unchanged via ``super()``.
+#   when it can go: when vLLM offers a residual-stream / MLP-output hook or steering API.
+
+_OFFSET_CLASSES: dict[type, type] = {}
+
+
+def add_output_offset(mlp: nn.Module, offset: torch.Tensor, token_rows: torch.Tensor) -> None:
+    """Make ``mlp`` add ``offset[token_rows[t]]`` to its output for every token t."""
+    from cna_vllm.engine.layers import MLPOutputOffset
+
+    stock = type(mlp)
+    if issubclass(stock, MLPOutputOffset):
+        raise SteeringError(f"{stock.__name__} already has an output offset")
+    cls = _OFFSET_CLASSES.get(stock)
+    if cls is None:
+        cls = _OFFSET_CLASSES[stock] = type(f"Offset{stock.__name__}", (MLPOutputOffset, stock), {})
+    mlp.__class__ = cls
+    mlp.register_buffer("cna_offset", offset, persistent=False)
+    mlp.register_buffer("cna_token_rows", token_rows, persistent=False)

@@ -11,28 +11,30 @@ How a step flows (V1 model runner):
    calls :meth:`SteeringState.prepare`, which expands ``slot → row`` into the per-token
    row index with ``query_start_loc`` and writes it **in place** into ``token_rows``.
 3. Each :class:`~cna_vllm.engine.layers.SteeredActivation` reads ``token_rows`` and its
-   layer's ``(scale, bias)`` table, both persistent tensors, so torch.compile graphs
-   see new values every step without any Python branch.
+   layer's ``(scale, bias)`` table, and each offset MLP (:class:`~cna_vllm.engine.layers.MLPOutputOffset`)
+   its ``offset`` table; all are persistent tensors, so torch.compile graphs see new
+   values every step without any Python branch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from cna_vllm.circuit import Circuit
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.steering import SteeringSpec, is_vector_set, union_neurons, vector_layers
+from cna_vllm.vectors import VectorSet, load_any
 
-if TYPE_CHECKING:
-    pass
+Source = Circuit | VectorSet
+"""What a steering item names: a neuron circuit or a CAA vector set."""
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +50,20 @@ class EngineSteeringConfig:
     """cna-vllm's section of ``additional_config``: circuit files (with content hashes) and capacity.
 
     It is JSON, so it enters vLLM's compile-cache hash: different circuits, different graphs.
+    ``hot_load_neurons`` > 0 reserves that many spare steerable columns per layer (and an
+    offset table on every layer) so that circuits can be added while the engine runs.
     """
 
     circuits: dict[str, dict[str, str]]  # name -> {"path": ..., "sha256": ...}
     max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS
+    hot_load_neurons: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"circuits": self.circuits, "max_steering_configs": self.max_steering_configs}
+        return {
+            "circuits": self.circuits,
+            "max_steering_configs": self.max_steering_configs,
+            "hot_load_neurons": self.hot_load_neurons,
+        }
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> EngineSteeringConfig:
@@ -67,26 +76,29 @@ class EngineSteeringConfig:
         cap = int(section.get("max_steering_configs", DEFAULT_MAX_STEERING_CONFIGS))
         if cap < 1:
             raise SteeringError(f"max_steering_configs must be >= 1, got {cap}")
-        return cls(circuits=dict(section.get("circuits", {})), max_steering_configs=cap)
+        spare = int(section.get("hot_load_neurons", 0))
+        if spare < 0:
+            raise SteeringError(f"hot_load_neurons must be >= 0, got {spare}")
+        return cls(circuits=dict(section.get("circuits", {})), max_steering_configs=cap, hot_load_neurons=spare)
 
-    def load_circuits(self, model_dir: str | None = None) -> dict[str, Circuit]:
-        """Read each circuit, check its content hash and name, and validate it for the model."""
-        out: dict[str, Circuit] = {}
-        for name, entry in self.circuits.items():
-            path = Path(entry["path"])
-            digest = file_sha256(path) if path.is_file() else "missing"
-            if entry.get("sha256") and digest != entry["sha256"]:
-                raise SteeringError(
-                    f"circuit {name!r}: {path} changed since the engine was configured "
-                    f"(sha256 {digest[:12]} != {entry['sha256'][:12]})"
-                )
-            circuit = Circuit.load(path)
-            if circuit.name != name:
-                raise SteeringError(f"circuit file {path} is named {circuit.name!r}, registered as {name!r}")
-            if model_dir is not None:
-                circuit.validate_for(model_dir)
-            out[name] = circuit
-        return out
+    def load_circuits(self) -> dict[str, Source]:
+        """Read each circuit file and check its content hash and name."""
+        return {name: load_entry(name, entry) for name, entry in self.circuits.items()}
+
+
+def load_entry(name: str, entry: Mapping[str, str]) -> Source:
+    """Load ``{"path", "sha256"}`` as circuit ``name``: the file must be unchanged and carry that name."""
+    path = Path(entry["path"])
+    digest = file_sha256(path) if path.is_file() else "missing"
+    if entry.get("sha256") and digest != entry["sha256"]:
+        raise SteeringError(
+            f"circuit {name!r}: {path} changed since the engine was configured "
+            f"(sha256 {digest[:12]} != {entry['sha256'][:12]})"
+        )
+    circuit = load_any(path)
+    if circuit.name != name:
+        raise SteeringError(f"circuit file {path} is named {circuit.name!r}, registered as {name!r}")
+    return circuit
 
 
 def file_sha256(path: str | Path) -> str:
@@ -98,54 +110,100 @@ def file_sha256(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- shard layout
-@dataclass(frozen=True)
-class LayerIndex:
-    """The sparse index of one layer on this rank: which activation columns are steerable."""
-
-    layer: int
-    global_ids: np.ndarray  # ascending global neuron ids held by this rank
-    local_ids: np.ndarray  # the same neurons as columns of this rank's activation shard
-
-
 def shard_index(
     union: Mapping[int, np.ndarray], intermediate_size: int, tp_rank: int, tp_size: int
-) -> dict[int, LayerIndex]:
-    """Map global neuron ids to this TP rank's shard (rank r holds [r·I/tp, (r+1)·I/tp))."""
+) -> dict[int, np.ndarray]:
+    """Per layer, the global neuron ids that this TP rank holds (rank r: [r·I/tp, (r+1)·I/tp))."""
     if intermediate_size % tp_size:
         raise SteeringError(f"intermediate size {intermediate_size} is not divisible by TP size {tp_size}")
     per_rank = intermediate_size // tp_size
-    out = {}
-    for layer, ids in union.items():
-        mine = ids[ids // per_rank == tp_rank]
-        out[layer] = LayerIndex(layer, mine, mine - tp_rank * per_rank)
-    return out
+    return {layer: ids[ids // per_rank == tp_rank] for layer, ids in union.items()}
+
+
+class LayerColumns:
+    """The steerable columns of one layer's activation shard: circuit neurons, then spare slots.
+
+    Slot j of the row tables acts on local column ``columns[j]``. A spare slot points at
+    some column no circuit uses and holds the identity in every row, so :meth:`claim` can
+    re-point it at a new circuit's neuron while the engine runs (in place: compiled graphs
+    read the new value). Columns stay distinct, as ``index_copy_`` needs.
+    """
+
+    def __init__(self, layer: int, global_ids: np.ndarray, first: int, size: int, spare: int, device: Any) -> None:
+        self.layer, self.first, self.size = layer, first, size  # this rank holds [first, first + size)
+        local = [int(g) - first for g in global_ids]
+        used = set(local)
+        free = [c for c in range(size - 1, -1, -1) if c not in used][: max(spare, 0)]
+        self.columns = torch.tensor(local + free, dtype=torch.int64, device=device)
+        self.slot_of = {int(g): j for j, g in enumerate(global_ids)}  # global id -> slot
+        self.spare = {c: len(local) + j for j, c in enumerate(free)}  # placeholder local column -> slot
+
+    def __len__(self) -> int:
+        return int(self.columns.numel())
+
+    def mine(self, global_ids: Any) -> list[int]:
+        return [int(g) for g in global_ids if self.first <= int(g) < self.first + self.size]
+
+    def missing(self, global_ids: Any) -> list[int]:
+        """The neurons of ``global_ids`` on this rank that have no slot yet."""
+        return sorted(set(self.mine(global_ids)) - set(self.slot_of))
+
+    def claim(self, global_ids: Any) -> None:
+        """Give every neuron of ``global_ids`` on this rank a slot (spare slots are used up)."""
+        new = self.missing(global_ids)
+        if len(new) > len(self.spare):
+            raise SteeringError(
+                f"layer {self.layer}: {len(new)} new steerable neuron(s) but only {len(self.spare)} spare "
+                "slot(s) left; restart with a larger hot-load reserve"
+            )
+        rest = []
+        for g in new:  # a neuron whose column is already a placeholder keeps that slot
+            slot = self.spare.pop(g - self.first, None)
+            if slot is None:
+                rest.append(g)
+            else:
+                self.slot_of[g] = slot
+        for g in rest:
+            _, slot = self.spare.popitem()
+            self.columns[slot] = g - self.first
+            self.slot_of[g] = slot
 
 
 # --------------------------------------------------------------------------- the state
 class SteeringState:
-    """Row table, refcounts, slot→row and token→row for one model in one worker."""
+    """Row tables, refcounts, slot→row and token→row for one model in one worker.
+
+    Neuron items use per-layer ``scale``/``bias`` tables ``[rows, K_l]`` over the layer's
+    :class:`LayerColumns`; vector items use per-layer ``offset`` tables ``[rows, hidden]``
+    added to the MLP output. Row 0 of every table is the identity.
+    """
 
     def __init__(
         self,
-        circuits: Mapping[str, Circuit],
-        layers: Mapping[int, LayerIndex],
+        circuits: Mapping[str, Source],
+        columns: Mapping[int, LayerColumns],
+        offset_layers: Iterable[int] = (),
         *,
+        hidden_size: int = 0,
         capacity: int,
         max_num_seqs: int,
         max_num_tokens: int,
         device: torch.device,
     ) -> None:
         self.circuits = dict(circuits)
-        self.layers = dict(layers)
+        self.identity: Any = None  # the served model (dir or ModelIdentity), for hot-loaded circuits
+        self.columns = dict(columns)
         self.capacity = capacity
         self.device = device
-        # row tables, one pair per layer; row 0 = identity, rows 1..capacity for specs
         self.scale: dict[int, torch.Tensor] = {}
         self.bias: dict[int, torch.Tensor] = {}
-        for layer, index in self.layers.items():
-            k = len(index.local_ids)
-            self.scale[layer] = torch.ones(capacity + 1, k, dtype=torch.float32, device=device)
-            self.bias[layer] = torch.zeros(capacity + 1, k, dtype=torch.float32, device=device)
+        for layer, cols in self.columns.items():
+            self.scale[layer] = torch.ones(capacity + 1, len(cols), dtype=torch.float32, device=device)
+            self.bias[layer] = torch.zeros(capacity + 1, len(cols), dtype=torch.float32, device=device)
+        self.offset = {
+            layer: torch.zeros(capacity + 1, hidden_size, dtype=torch.float32, device=device)
+            for layer in sorted(offset_layers)
+        }
         self.token_rows = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         self.slot_rows = np.zeros(max_num_seqs, dtype=np.int64)
         self._slot_rows_dev = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
@@ -156,19 +214,89 @@ class SteeringState:
         self._free = list(range(capacity, 0, -1))  # pop() gives the lowest free row
         self._token_rows_dirty = True
 
+    @classmethod
+    def build(
+        cls,
+        circuits: Mapping[str, Source],
+        held_layers: Iterable[int],
+        *,
+        intermediate_size: int,
+        hidden_size: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        hot_load_neurons: int = 0,
+        **kwargs: Any,
+    ) -> SteeringState:
+        """The state for the layers this rank holds; every held layer is steerable when hot-loading."""
+        held = set(held_layers)
+        mine = shard_index(union_neurons(circuits.values()), intermediate_size, tp_rank, tp_size)
+        per_rank = intermediate_size // tp_size
+        if hot_load_neurons:
+            neuron_layers, offset_layers = held, held
+        else:
+            neuron_layers = {layer for layer, ids in mine.items() if len(ids)} & held
+            offset_layers = set(vector_layers(circuits.values())) & held
+        columns = {
+            layer: LayerColumns(
+                layer, mine.get(layer, np.zeros(0, np.int64)), tp_rank * per_rank, per_rank, hot_load_neurons,
+                kwargs["device"],
+            )
+            for layer in sorted(neuron_layers)
+        }
+        return cls(circuits, columns, offset_layers, hidden_size=hidden_size, **kwargs)
+
     # ------------------------------------------------------------------ reporting
     def table_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.scale, self.bias) for t in d.values())
+        tables = (self.scale, self.bias, self.offset)
+        return sum(t.numel() * t.element_size() for d in tables for t in d.values())
 
     def rows_in_use(self) -> int:
         return len(self._rows_of)
 
     def describe(self) -> str:
-        k = sum(len(i.local_ids) for i in self.layers.values())
+        k = sum(len(c.slot_of) for c in self.columns.values())
+        spare = sum(len(c.spare) for c in self.columns.values())
         return (
             f"cna-vllm steering: {len(self.circuits)} circuit(s), {k} steerable neuron(s) on this rank "
-            f"in {len(self.layers)} layer(s), {self.capacity} rows, table {self.table_bytes() / 2**20:.2f} MiB"
+            f"in {len(self.columns)} layer(s) ({spare} spare), offsets on {len(self.offset)} layer(s), "
+            f"{self.capacity} rows, tables {self.table_bytes() / 2**20:.2f} MiB"
         )
+
+    # ------------------------------------------------------------------ hot-load
+    def check_add(self, name: str, circuit: Source) -> None:
+        """Raise :class:`SteeringError` unless :meth:`add` would succeed."""
+        if name in self.circuits:
+            raise SteeringError(f"a circuit named {name!r} is already loaded")
+        if is_vector_set(circuit):
+            absent = sorted(set(circuit.layers.tolist()) - set(self.offset))
+            if absent and not self.offset:
+                raise SteeringError("this engine reserved no room for new circuits (start it with hot-load enabled)")
+            if absent:
+                logger.debug("vector set %s: layers %s are not held by this rank", name, absent)
+            return
+        for layer, ids in circuit.by_layer().items():
+            cols = self.columns.get(layer)
+            if cols is None:
+                if not self.columns or not any(c.spare for c in self.columns.values()):
+                    raise SteeringError(
+                        "this engine reserved no room for new circuits (start it with hot-load enabled)"
+                    )
+                continue  # a layer another pipeline rank holds
+            new = cols.missing(ids)
+            if len(new) > len(cols.spare):
+                raise SteeringError(
+                    f"circuit {name!r} needs {len(new)} new neuron(s) in layer {layer} on this rank, but only "
+                    f"{len(cols.spare)} spare slot(s) are left; restart with a larger hot-load reserve"
+                )
+
+    def add(self, name: str, circuit: Source) -> None:
+        """Make ``circuit`` available to new specs (claims spare slots; rows in use are unaffected)."""
+        self.check_add(name, circuit)
+        if not is_vector_set(circuit):
+            for layer, ids in circuit.by_layer().items():
+                if layer in self.columns:
+                    self.columns[layer].claim(ids)
+        self.circuits[name] = circuit
 
     # ------------------------------------------------------------------ rows
     def acquire(self, spec: SteeringSpec) -> int:
@@ -202,17 +330,23 @@ class SteeringState:
 
     def _write_row(self, row: int, spec: SteeringSpec) -> None:
         rows = spec.to_rows(self.circuits)
-        for layer, index in self.layers.items():
+        for layer, cols in self.columns.items():
             scale, bias = self.scale[layer], self.bias[layer]
             scale[row].fill_(1.0)
             bias[row].zero_()
-            if layer not in rows or len(index.global_ids) == 0:
+            if layer not in rows:
                 continue
             ids, s, b = rows[layer]
-            keep = np.isin(ids, index.global_ids)
-            pos = torch.from_numpy(np.searchsorted(index.global_ids, ids[keep])).to(self.device)
+            keep = [i for i, g in enumerate(ids.tolist()) if g in cols.slot_of]
+            pos = torch.tensor([cols.slot_of[int(ids[i])] for i in keep], dtype=torch.int64, device=self.device)
             scale[row].index_copy_(0, pos, torch.from_numpy(s[keep]).to(self.device))
             bias[row].index_copy_(0, pos, torch.from_numpy(b[keep]).to(self.device))
+        offsets = spec.to_offsets(self.circuits)
+        for layer, table in self.offset.items():
+            if layer in offsets:
+                table[row].copy_(torch.from_numpy(offsets[layer]))
+            else:
+                table[row].zero_()
 
     # ------------------------------------------------------------------ batch updates
     def set_slot(self, slot: int, row: int) -> None:

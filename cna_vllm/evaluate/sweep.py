@@ -57,16 +57,23 @@ def derived_circuits(wide: Circuit, fractions: list[float]) -> dict[str, Circuit
     return out
 
 
-def sweep_arms(circuits: list[str], modes: list[str], values: list[float]) -> list[Arm]:
-    """The baseline plus one arm per (circuit, mode, value), skipping no-op settings."""
+def sweep_arms(
+    circuits: list[str],
+    modes: list[str],
+    values: list[float],
+    vectors: list[str] = (),  # type: ignore[assignment]
+    alphas: list[float] = (),  # type: ignore[assignment]
+) -> list[Arm]:
+    """The baseline, one arm per (circuit, mode, value) and one per (CAA vector set, α) in
+    ``shift`` mode, skipping no-op settings."""
+    grid = [(name, mode, value) for name in circuits for mode in modes for value in values]
+    grid += [(name, "shift", alpha) for name in vectors for alpha in alphas]
     arms = [Arm(BASELINE, SteeringSpec())]
-    for name in circuits:
-        for mode in modes:
-            for value in values:
-                if (mode == "scale" and value == 1.0) or (mode != "scale" and value == 0.0):
-                    continue
-                spec = SteeringSpec((SteeringItem(name, mode, float(value)),))
-                arms.append(Arm(str(spec), spec))
+    for name, mode, value in grid:
+        if (mode == "scale" and value == 1.0) or (mode != "scale" and value == 0.0):
+            continue
+        spec = SteeringSpec((SteeringItem(name, mode, float(value)),))
+        arms.append(Arm(str(spec), spec))
     return arms
 
 
@@ -78,14 +85,16 @@ def summarise(report: dict[str, Any], target: Target) -> dict[str, Any]:
     for arm in arms[1:]:
         item = SteeringSpec.parse(arm["spec"]).items[0]
         misses = target.check(arm, baseline)
+        meta = arm["circuits"].get(item.circuit) or {}
         rows.append(
             {
                 "arm": arm["name"],
                 "circuit": item.circuit,
+                "kind": meta.get("kind", "cna"),
                 "mode": item.mode,
                 "value": item.value,
                 "alpha": strength(item),
-                "n_neurons": (arm["circuits"].get(item.circuit) or {}).get("num_neurons"),
+                "n_neurons": meta.get("num_neurons"),
                 "refusal_rate": arm["refusal_rate"],
                 "relative_refusal_reduction": arm.get("relative_refusal_reduction"),
                 "quality_paper": arm["quality_paper"],

@@ -12,10 +12,11 @@ when the entry point is registered.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 REPO_CIRCUITS = Path(os.environ.get("CNA_VLLM_CIRCUITS_ROOT") or Path(__file__).resolve().parents[2] / "circuits")
 """Where the shipped ``<model alias>/*.safetensors`` circuits live (the repo's, or ``$CNA_VLLM_CIRCUITS_ROOT``)."""
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+DEFAULT_HOT_LOAD_NEURONS = 256
 
 
 @dataclass
@@ -41,6 +43,7 @@ class ServerState:
     gate: SpecGate
     metrics: SteeringMetrics
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    hot_load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def _limits(args: argparse.Namespace) -> SteeringLimits:
@@ -87,6 +90,7 @@ class SteeringEndpointPlugin:
         )
         m = metrics()
         m.rows_capacity.set(catalog.capacity)
+        m.circuits_loaded.set(len(catalog.circuits))
         state.cna_steering = ServerState(
             catalog=catalog,
             limits=_limits(args),
@@ -118,6 +122,13 @@ def make_parser() -> Any:
         type=int,
         default=DEFAULT_MAX_STEERING_CONFIGS,
         help="steering-table rows: distinct specs in flight at once (others wait)",
+    )
+    g.add_argument(
+        "--hot-load-neurons",
+        type=int,
+        default=DEFAULT_HOT_LOAD_NEURONS,
+        help="spare steerable neurons reserved per layer so POST /v1/circuits can add circuits while "
+        "serving (it also gives every layer an offset table for CAA vectors); 0 disables hot-loading",
     )
     g.add_argument(
         "--steering-max-items", type=int, default=SteeringLimits.max_items, help="most items in one request's steering"
@@ -162,6 +173,8 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
         model,
         circuits,
         max_steering_configs=args.max_steering_configs,
+        hot_load_neurons=args.hot_load_neurons,
+        worker_extension_cls=args.worker_extension_cls or None,
         hf_overrides=args.hf_overrides,
         additional_config=args.additional_config,
         logits_processors=args.logits_processors,
@@ -171,6 +184,7 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     args.hf_overrides = kw["hf_overrides"]
     args.additional_config = kw["additional_config"]
     args.logits_processors = kw["logits_processors"]
+    args.worker_extension_cls = kw["worker_extension_cls"]
     mode = (kw.get("compilation_config") or {}).get("cudagraph_mode")
     if mode and getattr(args.compilation_config, "cudagraph_mode", "set") is None:
         from vllm.config.compilation import CUDAGraphMode

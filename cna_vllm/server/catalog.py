@@ -8,22 +8,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cna_vllm.circuit import Circuit
-from cna_vllm.engine.state import CONFIG_KEY, EngineSteeringConfig
+from cna_vllm.engine.state import CONFIG_KEY, EngineSteeringConfig, Source, file_sha256
 from cna_vllm.errors import CnaError
 from cna_vllm.server.schema import ApiError
+from cna_vllm.steering import MODES, VECTOR_MODES, is_vector_set
+from cna_vllm.vectors import load_any
 
 
 @dataclass
 class Catalog:
-    """Circuits loaded in the engine (name -> Circuit and file entry) plus foreign-name hints."""
+    """Circuits loaded in the engine (name -> circuit or vector set, and file entry) plus foreign-name hints."""
 
-    circuits: dict[str, Circuit]
+    circuits: dict[str, Source]
     entries: dict[str, dict[str, str]]
     model_dir: str
     model_name: str
     capacity: int
     foreign: dict[str, str] = field(default_factory=dict)
+    hot_load_neurons: int = 0
 
     @classmethod
     def from_additional_config(
@@ -33,41 +35,51 @@ class Catalog:
         cfg = EngineSteeringConfig.from_additional_config(additional)
         circuits = cfg.load_circuits()
         foreign = scan_foreign(circuits_root, model_name, set(circuits)) if circuits_root else {}
-        return cls(circuits, dict(cfg.circuits), model_dir, model_name, cfg.max_steering_configs, foreign)
+        return cls(
+            circuits, dict(cfg.circuits), model_dir, model_name, cfg.max_steering_configs, foreign, cfg.hot_load_neurons
+        )
 
     def describe(self, name: str) -> dict[str, Any]:
         circuit = self.circuits[name]
         meta = circuit.metadata()
         meta["object"] = "circuit"
         meta["id"] = name
-        meta["layers"] = sorted(int(k) for k in meta["layer_counts"])
+        meta["kind"] = circuit.kind
+        if not is_vector_set(circuit):
+            meta["layers"] = sorted(int(k) for k in meta["layer_counts"])
         meta["sha256"] = self.entries.get(name, {}).get("sha256")
-        meta["modes"] = ["scale", "patch", "shift"]
+        meta["modes"] = list(VECTOR_MODES if is_vector_set(circuit) else MODES)
         return meta
+
+    def add(self, name: str, circuit: Source, entry: dict[str, str]) -> None:
+        self.circuits[name] = circuit
+        self.entries[name] = entry
 
     def listing(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.describe(n) for n in sorted(self.circuits)]}
 
-    def check_hot_load(self, path: str) -> tuple[Circuit, bool]:
-        """Validate a server-side circuit file for this model: ``(circuit, already_loaded)``."""
+    def check_hot_load(self, path: str) -> tuple[Source, dict[str, str], bool]:
+        """Validate a server-side circuit file for this model: ``(circuit, entry, already_loaded)``."""
         p = Path(path)
         if not p.is_absolute():
             raise ApiError("path must be an absolute server-side path", param="path", code="invalid_path")
         try:
-            circuit = Circuit.load(p)
+            circuit = load_any(p)
             circuit.validate_for(self.model_dir)
+            entry = {"path": str(p), "sha256": file_sha256(p)}
         except CnaError as exc:
             code = "circuit_model_mismatch" if "another model" in str(exc) else "invalid_circuit"
             raise ApiError(str(exc), param="path", code=code) from None
-        loaded = self.circuits.get(circuit.name)
-        same = loaded is not None and loaded.metadata() == circuit.metadata() and len(loaded) == len(circuit)
+        loaded = self.entries.get(circuit.name)
+        same = loaded is not None and loaded.get("sha256") == entry["sha256"]
         if loaded is not None and not same:
             raise ApiError(
                 f"a different circuit named {circuit.name!r} is already loaded; pick another name",
+                status=409,
                 param="path",
                 code="circuit_exists",
             )
-        return circuit, same
+        return circuit, entry, same
 
 
 def scan_foreign(root: Path, model_name: str, mine: set[str]) -> dict[str, str]:

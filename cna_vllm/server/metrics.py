@@ -20,6 +20,7 @@ class SteeringMetrics:
     rows_in_use: Gauge
     rows_capacity: Gauge
     waiting: Gauge
+    circuits_loaded: Gauge
 
 
 _METRICS: SteeringMetrics | None = None
@@ -51,6 +52,11 @@ def metrics() -> SteeringMetrics:
                 "cna_steering_requests_waiting_for_row",
                 "Steered requests waiting for a free steering-table row",
                 multiprocess_mode="livesum",
+            ),
+            circuits_loaded=Gauge(
+                "cna_steering_circuits_loaded",
+                "Circuits and vector sets the engine steers with",
+                multiprocess_mode="max",
             ),
         )
     return _METRICS

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cna_vllm.engine.llm import add_to_engine
+from cna_vllm.errors import SteeringError
 from cna_vllm.server.schema import ApiError
 
 router = APIRouter()
@@ -65,7 +67,7 @@ async def get_circuit(name: str, request: Request) -> JSONResponse:
 
 @router.post("/v1/circuits")
 async def load_circuit(request: Request) -> JSONResponse:
-    """Validate a server-side circuit file; loading a new one needs an engine restart (501)."""
+    """Add a server-side circuit file (neuron circuit or CAA vectors) to the running engine."""
     try:
         state = _state(request)
         try:
@@ -76,17 +78,24 @@ async def load_circuit(request: Request) -> JSONResponse:
             raise ApiError(
                 f"invalid request: {param or 'body'}: {first['msg']}", param=param, code="invalid_request"
             ) from None
-        circuit, loaded = state.catalog.check_hot_load(body.path)
-        if loaded:
-            return JSONResponse({"status": "already_loaded", **state.catalog.describe(circuit.name)})
-        raise ApiError(
-            f"circuit {circuit.name!r} is valid for this model, but this engine cannot add circuits "
-            "while running (its steering table is sized at start-up); restart the server with "
-            "--circuits pointing at a directory that holds it",
-            status=501,
-            param="path",
-            code="hot_load_not_supported",
-            type="not_implemented_error",
-        )
+        async with state.hot_load_lock:
+            circuit, entry, loaded = state.catalog.check_hot_load(body.path)
+            if loaded:
+                return JSONResponse({"status": "already_loaded", **state.catalog.describe(circuit.name)})
+            if not state.catalog.hot_load_neurons:
+                raise ApiError(
+                    "this server was started with --hot-load-neurons 0, so it has no room for new circuits; "
+                    "restart it with a reserve, or with --circuits pointing at a directory that holds this one",
+                    status=409,
+                    param="path",
+                    code="hot_load_disabled",
+                )
+            try:
+                await add_to_engine(request.app.state.engine_client, circuit.name, entry)
+            except SteeringError as exc:
+                raise ApiError(str(exc), status=409, param="path", code="hot_load_refused") from None
+            state.catalog.add(circuit.name, circuit, entry)
+        state.metrics.circuits_loaded.set(len(state.catalog.circuits))
+        return JSONResponse({"status": "loaded", **state.catalog.describe(circuit.name)}, status_code=201)
     except ApiError as err:
         return _error(err)

@@ -193,6 +193,10 @@ def parse_steering(
                 param=param,
                 code="unknown_circuit",
             )
+    try:
+        spec.validate(circuits)  # the modes each kind takes (CAA vectors: shift only)
+    except SteeringError as exc:
+        raise ApiError(str(exc), param="steering") from None
     return spec
 
 

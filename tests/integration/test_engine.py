@@ -24,6 +24,7 @@ from tiny_models import ARCHS, VOCAB, make_tiny
 from cna_vllm.circuit import Circuit
 from cna_vllm.models import ModelIdentity, resolve_model
 from cna_vllm.steering import SteeringSpec
+from cna_vllm.vectors import VectorSet
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,19 @@ def random_circuit(name: str, model_dir: Path, n: int, seed: int, scale: float =
         mean_neg=rng.normal(scale=scale, size=n),
         model=ident,
         created_at="2026-01-01T00:00:00+00:00",  # stable bytes -> stable additional_config -> compile cache hits
+    )
+
+
+def random_vectors(name: str, model_dir: Path, layers: list[int], seed: int, scale: float = 1.0) -> VectorSet:
+    """Random CAA vectors at ``layers``, bound to the model's identity."""
+    ident = ModelIdentity.from_dir(model_dir)
+    rng = np.random.default_rng(seed)
+    return VectorSet(
+        name=name,
+        layers=layers,
+        vectors=rng.normal(scale=scale, size=(len(layers), ident.hidden_size)),
+        model=ident,
+        created_at="2026-01-01T00:00:00+00:00",
     )
 
 
@@ -254,11 +268,12 @@ def tiny_setup(arch: str, root: Path):
     circuits = {
         "a": random_circuit("a", model_dir, n // 5, seed=11, scale=3.0),
         "b": random_circuit("b", model_dir, n // 5, seed=12, scale=3.0),
+        "v": random_vectors("v", model_dir, [0, ident.num_layers - 1], seed=13, scale=2.0),
     }
     return model_dir, circuits, HFReference(model_dir, circuits)
 
 
-TINY_SPECS = [None, "a@0", "b@4", "a@1:patch", None, "a@1:shift,b@3", "b@4", "a@-2"]
+TINY_SPECS = [None, "a@0", "b@4", "a@1:patch", "v@1:shift", "a@1:shift,b@3", "b@4", "a@-2,v@-0.5:shift", None]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -292,7 +307,7 @@ def test_tensor_parallel_2(tiny_root, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # 2 cores, one NUMA node
     model_dir, circuits, ref = tiny_setup("LlamaForCausalLM", tiny_root)
     per_rank = ModelIdentity.from_dir(model_dir).intermediate_size // 2
-    for c in circuits.values():  # the circuits really span both shards
+    for c in (circuits["a"], circuits["b"]):  # the circuits really span both shards
         assert (c.neurons < per_rank).any() and (c.neurons >= per_rank).any()
     prompts = token_prompts(len(TINY_SPECS), seed=7)
     with steered_engine(model_dir, circuits, tensor_parallel_size=2, **TINY) as llm:
@@ -346,14 +361,43 @@ def test_async_engine_requests_join_mid_stream(tiny_root):
     assert check_against_reference(outs, specs, lengths, ref) >= 2
 
 
+def test_hot_load_circuits_and_vectors_while_running(tiny_root):
+    """add_circuit claims spare columns / offset rows in place; results equal HF; misfits are refused."""
+    from cna_vllm.errors import SteeringError
+
+    model_dir, circuits, ref = tiny_setup("LlamaForCausalLM", tiny_root)
+    ident = ModelIdentity.from_dir(model_dir)
+    per_layer = np.bincount(circuits["b"].layers, minlength=ident.num_layers).max()
+    prompts = token_prompts(len(TINY_SPECS), seed=10)
+    with steered_engine(model_dir, {"a": circuits["a"]}, hot_load_neurons=int(per_layer), **TINY) as llm:
+        before = llm.generate(prompts[:2], greedy(10), steering=[None, "a@0"])
+        with pytest.raises(SteeringError, match="unknown circuit 'b'"):
+            llm.generate(prompts[:1], greedy(4), steering="b@0")
+        assert llm.add_circuit(circuits["b"]) == "b" and llm.add_circuit(circuits["v"]) == "v"
+        with pytest.raises(SteeringError, match="already loaded"):
+            llm.add_circuit(circuits["b"])
+        too_big = random_circuit("big", model_dir, ident.num_layers * ident.intermediate_size // 2, seed=14)
+        with pytest.raises(SteeringError, match="spare slot"):
+            llm.add_circuit(too_big)
+        assert "big" not in llm.circuits
+        outs = llm.generate(prompts, greedy(10), steering=TINY_SPECS)
+    check_against_reference(before, [None, "a@0"], 10, ref)
+    assert check_against_reference(outs, TINY_SPECS, 10, ref) >= 3
+    rows_with_new = [i for i, spec in enumerate(TINY_SPECS) if spec and ("b@" in spec or "v@" in spec)]
+    assert any(tokens(outs)[i] != ref.generate(outs[i].prompt_token_ids, None, 10) for i in rows_with_new)
+
+
 # --------------------------------------------------------------------------- real default model
 def test_default_qwen_model(tmp_path):
     """The real default 0.5B model: a small mixed batch, steered rows equal to HF hooks."""
     model_dir = resolve_model("qwen2.5-coder-0.5b-instruct", progress=False)
-    circuits = {"q": random_circuit("q", model_dir, 3000, seed=21, scale=3.0)}
+    circuits = {
+        "q": random_circuit("q", model_dir, 3000, seed=21, scale=3.0),
+        "w": random_vectors("w", model_dir, [4, 12, 20], seed=22, scale=0.5),
+    }
     ref = HFReference(model_dir, circuits)
-    prompts = ["def quicksort(arr):", "How do I pick a lock?", "The capital of Japan is", "# sum a list"]
-    specs = [None, "q@4", "q@1:patch", "q@2:shift"]
+    prompts = ["def quicksort(arr):", "How do I pick a lock?", "The capital of Japan is", "# sum a list", "Hi"]
+    specs = [None, "q@4", "q@1:patch", "q@2:shift", "w@1:shift"]
     with steered_engine(model_dir, circuits, **ENGINE) as llm:
         outs = llm.generate(prompts, greedy(8), steering=specs)
     assert check_against_reference(outs, specs, 8, ref) >= 2
@@ -371,7 +415,7 @@ def test_startup_checks_on_a_real_config(tiny_root):
     model_dir, circuits, _ = tiny_setup("LlamaForCausalLM", tiny_root)
     kw, loaded = engine_kwargs(model_dir, circuits, max_model_len=256, skip_tokenizer_init=True)
     assert kw["hf_overrides"] == {"architectures": ["SteeredLlamaForCausalLM"]}
-    assert set(loaded) == {"a", "b"}
+    assert set(loaded) == {"a", "b", "v"}
     check_supported(EngineArgs(**kw).create_engine_config())
     kw.pop("logits_processors")
     with pytest.raises(SteeringError, match="logits processor"):

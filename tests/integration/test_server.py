@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from cna_vllm.circuit import Circuit
 from cna_vllm.models import SMALL_MODEL, resolve_model
+from cna_vllm.vectors import VectorSet
 
 from .procs import REPO, Proc, _start, _wait_ready
 
@@ -178,20 +180,67 @@ def test_models_and_circuit_catalogue(servers):
 
 
 def test_circuit_hot_load(servers, tmp_path):
+    """POST /v1/circuits adds circuits and CAA vectors to the running engine; misfits get 4xx."""
     url = servers.steered.url + "/v1/circuits"
     other = REPO / "circuits" / "qwen2.5-coder-0.5b-instruct" / "refusal.safetensors"
     r = httpx.post(url, json={"path": str(other)}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "circuit_model_mismatch", r.text
     r = httpx.post(url, json={"path": str(servers.circuits / "refusal.safetensors")}, headers=AUTH)
     assert r.status_code == 200 and r.json()["status"] == "already_loaded", r.text
-    fresh = tmp_path / "fresh.safetensors"
-    replace(Circuit.load(servers.circuits / "refusal.safetensors").top(5), name="fresh").save(fresh)
-    r = httpx.post(url, json={"path": str(fresh)}, headers=AUTH)
-    assert r.status_code == 501 and r.json()["error"]["code"] == "hot_load_not_supported", r.text
     for bad in [{"path": "relative.safetensors"}, {"path": str(tmp_path / "missing.safetensors")}, {"file": "x"}]:
         r = httpx.post(url, json=bad, headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
-    assert "fresh" not in {c["id"] for c in httpx.get(url, headers=AUTH).json()["data"]}
+
+    top = Circuit.load(servers.circuits / "refusal-top.safetensors")
+    ident = top.model
+    rng = np.random.default_rng(0)
+    known = set(top.neurons[top.layers == 29].tolist()) | set(
+        Circuit.load(servers.circuits / "refusal.safetensors").neurons.tolist()
+    )
+    fresh_ids = rng.choice(sorted(set(range(ident.intermediate_size)) - known), size=200, replace=False)
+    files = {
+        "twin": replace(top, name="twin"),  # refusal-top's neurons under a new name
+        "fresh": Circuit(  # 200 neurons the engine has never steered: spare slots are claimed
+            name="fresh", layers=np.full(200, 29), neurons=fresh_ids, score=np.ones(200),
+            mean_pos=np.ones(200), mean_neg=np.zeros(200), model=ident,
+        ),
+        "caa": VectorSet(
+            name="caa", layers=[20, 25], vectors=rng.normal(scale=0.3, size=(2, ident.hidden_size)), model=ident
+        ),
+        "too-big": Circuit(  # more new neurons in one layer than the reserve of 256
+            name="too-big", layers=np.full(300, 10), neurons=np.arange(300), score=np.ones(300),
+            mean_pos=np.ones(300), mean_neg=np.zeros(300), model=ident,
+        ),
+    }  # fmt: skip
+    for name, obj in files.items():
+        obj.save(tmp_path / f"{name}.safetensors")
+    for name in ("twin", "fresh", "caa"):
+        r = httpx.post(url, json={"path": str(tmp_path / f"{name}.safetensors")}, headers=AUTH, timeout=60)
+        assert r.status_code == 201 and r.json()["status"] == "loaded" and r.json()["id"] == name, r.text
+    r = httpx.post(url, json={"path": str(tmp_path / "too-big.safetensors")}, headers=AUTH, timeout=60)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "hot_load_refused", r.text
+    assert "spare" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"path": str(tmp_path / "twin.safetensors")}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "already_loaded"
+    replace(top.top(5), name="twin").save(tmp_path / "twin2.safetensors")
+    r = httpx.post(url, json={"path": str(tmp_path / "twin2.safetensors")}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "circuit_exists", r.text
+
+    catalogue = {c["id"]: c for c in httpx.get(url, headers=AUTH).json()["data"]}
+    assert {"twin", "fresh", "caa"} <= set(catalogue) and "too-big" not in catalogue
+    assert catalogue["caa"]["kind"] == "caa" and catalogue["caa"]["modes"] == ["shift"]
+    assert metric(servers.steered.url, "cna_steering_circuits_loaded") >= 5
+
+    prompt = PROMPTS[1]
+    plain = generate(servers.steered.url, "chat", body("chat", prompt, max_tokens=16))
+    assert generate(servers.steered.url, "chat", body("chat", prompt, "twin@0", max_tokens=16)) == generate(
+        servers.steered.url, "chat", body("chat", prompt, "refusal-top@0", max_tokens=16)
+    )
+    assert generate(servers.steered.url, "chat", body("chat", prompt, "fresh@-4", max_tokens=16)) != plain
+    assert generate(servers.steered.url, "chat", body("chat", prompt, "caa@20:shift", max_tokens=16)) != plain
+    r = post(servers.steered.url, "chat", body("chat", prompt, "caa@1"))
+    assert r.status_code == 400 and "shift" in r.json()["error"]["message"], r.text
+    assert generate(servers.steered.url, "chat", body("chat", prompt, max_tokens=16)) == plain
 
 
 def test_api_key_required_everywhere(servers):

@@ -11,9 +11,10 @@ import torch
 from cna_vllm.circuit import Circuit
 from cna_vllm.engine.layers import SteeredActivation
 from cna_vllm.engine.llm import SpecGate, plan_waves
-from cna_vllm.engine.state import EngineSteeringConfig, SteeringState, shard_index
+from cna_vllm.engine.state import EngineSteeringConfig, LayerColumns, SteeringState, shard_index
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import SteeringSpec, union_neurons
+from cna_vllm.steering import SteeringSpec
+from cna_vllm.vectors import VectorSet
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
@@ -35,13 +36,27 @@ def circuit(name, keys, seed=0):
     )
 
 
-CIRCUITS = {"a": circuit("a", [(0, 1), (0, 9), (1, 3)], 1), "b": circuit("b", [(0, 9), (1, 15)], 2)}
+H = 4  # hidden size
+CIRCUITS = {
+    "a": circuit("a", [(0, 1), (0, 9), (1, 3)], 1),
+    "b": circuit("b", [(0, 9), (1, 15)], 2),
+    "v": VectorSet(name="v", layers=[1, 2], vectors=np.arange(8).reshape(2, H)),
+}
 
 
-def make_state(capacity=3, tp_rank=0, tp_size=1):
-    layers = shard_index(union_neurons(CIRCUITS.values()), I, tp_rank, tp_size)
-    return SteeringState(
-        CIRCUITS, layers, capacity=capacity, max_num_seqs=8, max_num_tokens=64, device=torch.device("cpu")
+def make_state(capacity=3, tp_rank=0, tp_size=1, circuits=CIRCUITS, hot_load=0):
+    return SteeringState.build(
+        circuits,
+        range(3),
+        intermediate_size=I,
+        hidden_size=H,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        hot_load_neurons=hot_load,
+        capacity=capacity,
+        max_num_seqs=8,
+        max_num_tokens=64,
+        device=torch.device("cpu"),
     )
 
 
@@ -116,7 +131,7 @@ def test_activation_wrapper_applies_rows_per_token_and_row0_is_exact():
     st = make_state()
     st.apply_batch_update(update(added=[(0, "a@0"), (1, None), (2, "b@3")]))
     st.prepare(3, torch.tensor([0, 1, 2, 3]))
-    idx = torch.from_numpy(st.layers[0].local_ids)
+    idx = st.columns[0].columns
     class Fresh(torch.nn.Module):  # like SiluAndMul: returns a new tensor
         def forward(self, x):
             return x.clone()
@@ -131,15 +146,82 @@ def test_activation_wrapper_applies_rows_per_token_and_row0_is_exact():
 
 def test_tensor_parallel_shards():
     union = {0: np.array([1, 7, 8, 15])}
-    r0 = shard_index(union, 16, 0, 2)[0]
-    r1 = shard_index(union, 16, 1, 2)[0]
-    assert r0.global_ids.tolist() == [1, 7] and r0.local_ids.tolist() == [1, 7]
-    assert r1.global_ids.tolist() == [8, 15] and r1.local_ids.tolist() == [0, 7]
+    assert shard_index(union, 16, 0, 2)[0].tolist() == [1, 7]
+    assert shard_index(union, 16, 1, 2)[0].tolist() == [8, 15]
     with pytest.raises(SteeringError, match="divisible"):
         shard_index(union, 15, 0, 2)
-    st = make_state(tp_rank=1, tp_size=2)  # rank 1 holds neurons 8..15
+    st = make_state(tp_rank=1, tp_size=2)  # rank 1 holds neurons 8..15 as local columns 0..7
     st.apply_batch_update(update(added=[(0, "b@2")]))
-    assert st.layers[0].local_ids.tolist() == [1] and torch.equal(st.scale[0][1], torch.tensor([2.0]))
+    assert st.columns[0].columns.tolist() == [1] and st.columns[1].columns.tolist() == [7]
+    assert torch.equal(st.scale[0][1], torch.tensor([2.0]))
+
+
+def test_vector_rows_hold_summed_offsets():
+    st = make_state()
+    assert sorted(st.offset) == [1, 2] and sorted(st.columns) == [0, 1]  # no neuron in layer 2
+    st.apply_batch_update(update(added=[(0, "v@0.5:shift,a@0"), (1, "a@0")]))
+    v = CIRCUITS["v"].vectors
+    assert torch.equal(st.offset[1][1], torch.from_numpy(-0.5 * v[0]))
+    assert torch.equal(st.offset[2][1], torch.from_numpy(-0.5 * v[1]))
+    assert not st.offset[1][0].any() and not st.offset[1][2].any()  # identity and a pure-neuron row
+    assert torch.equal(st.scale[0][1], torch.zeros(2))  # the neuron item of the same spec
+
+
+def test_offset_mlp_is_exact_for_row0_and_keeps_weight_names():
+    from cna_vllm.engine.patches import add_output_offset
+
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, "v@1:shift"), (1, None)]))
+    st.prepare(2, torch.tensor([0, 1, 2]))
+    mlp = torch.nn.Sequential(torch.nn.Linear(H, H))
+    names = [n for n, _ in mlp.named_parameters()]
+    x = torch.randn(2, H)
+    plain = mlp(x)
+    add_output_offset(mlp, st.offset[1], st.token_rows)
+    y = mlp(x)
+    assert [n for n, _ in mlp.named_parameters()] == names and "cna_offset" not in mlp.state_dict()
+    assert torch.equal(y[1], plain[1]) and torch.allclose(y[0], plain[0] - torch.from_numpy(CIRCUITS["v"].vectors[0]))
+    with pytest.raises(SteeringError, match="already"):
+        add_output_offset(mlp, st.offset[1], st.token_rows)
+
+
+def test_hot_load_claims_spare_columns_without_touching_rows_in_use():
+    st = make_state(circuits={"a": CIRCUITS["a"]}, hot_load=2)
+    assert sorted(st.columns) == [0, 1, 2] and sorted(st.offset) == [0, 1, 2]  # every layer when hot-loading
+    assert st.columns[0].columns.tolist() == [1, 9, 15, 14]  # circuit neurons, then 2 spare placeholders
+    st.apply_batch_update(update(added=[(0, "a@3")]))
+    before = st.scale[0][1].clone()
+    st.add("b", CIRCUITS["b"])  # layer 0: 9 is known; layer 1: 15 is a placeholder column already
+    assert st.columns[1].columns.tolist() == [3, 15, 14] and st.columns[1].slot_of == {3: 0, 15: 1}
+    assert torch.equal(st.scale[0][1][:3], before[:3])
+    st.add("v", CIRCUITS["v"])
+    st.apply_batch_update(update(added=[(1, "b@2,v@1:shift")]))
+    assert st.scale[1][2].tolist() == [1.0, 2.0, 1.0] and torch.equal(st.offset[2][2], -torch.arange(4.0, 8.0))
+    with pytest.raises(SteeringError, match="already loaded"):
+        st.add("b", CIRCUITS["b"])
+    big = circuit("big", [(2, 0), (2, 1), (2, 2)])
+    with pytest.raises(SteeringError, match="spare slot"):
+        st.add("big", big)
+    assert "big" not in st.circuits and st.columns[2].spare  # refused atomically
+    st.add("two", circuit("two", [(2, 0), (2, 14)]))
+    assert st.columns[2].columns.tolist() == [0, 14] or st.columns[2].columns.tolist() == [14, 0]
+    assert len(set(st.columns[2].columns.tolist())) == 2
+
+
+def test_no_room_without_a_hot_load_reserve():
+    st = make_state(circuits={"a": CIRCUITS["a"]})
+    with pytest.raises(SteeringError, match="no room|spare"):
+        st.add("b", CIRCUITS["b"])
+    with pytest.raises(SteeringError, match="no room"):
+        st.add("v", CIRCUITS["v"])
+
+
+def test_layer_columns_are_distinct_and_tp_local():
+    cols = LayerColumns(0, np.array([9, 12]), first=8, size=8, spare=3, device="cpu")
+    assert cols.columns.tolist() == [1, 4, 7, 6, 5] and cols.missing([3, 9, 10, 15]) == [10, 15]
+    cols.claim([3, 10, 15])  # 3 is on another rank; 15 (local 7) keeps its placeholder slot
+    assert cols.slot_of[15] == 2 and len(set(cols.columns.tolist())) == 5
+    assert sorted(cols.columns.tolist()) == [1, 2, 4, 5, 7] or sorted(cols.columns.tolist()) == [1, 2, 4, 6, 7]
 
 
 def test_engine_config_roundtrip_and_errors(tmp_path):
@@ -191,9 +273,9 @@ def test_steering_info_reports_bounded_table_memory():
     from cna_vllm.engine.llm import steering_info
 
     info = steering_info(CIRCUITS, 64)
-    assert info["steerable_neurons"] == 4 and info["layers"] == [0, 1]
+    assert info["steerable_neurons"] == 4 and info["layers"] == [0, 1] and info["offset_layers"] == [1, 2]
     st = make_state(capacity=64)
-    assert info["table_bytes"] == st.table_bytes() == 2 * 4 * 65 * 4
+    assert info["table_bytes"] == st.table_bytes() == 4 * 65 * (2 * 4 + 2 * H)
 
 
 def test_spec_in_sampling_params_is_honoured_and_salted():

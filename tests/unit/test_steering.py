@@ -217,3 +217,25 @@ def test_importable_without_vllm():
         "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules), 'vllm imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_vector_sets_take_shift_only_and_their_offsets_add_up(circuits):
+    from cna_vllm.steering import is_vector_set, vector_layers
+    from cna_vllm.vectors import VectorSet
+
+    v = VectorSet(name="v", layers=[1, 3], vectors=np.ones((2, 4)))
+    w = VectorSet(name="w", layers=[3], vectors=np.full((1, 4), 2.0))
+    known = {**circuits, "v": v, "w": w}
+    assert is_vector_set(v) and is_vector_set(v.metadata()) and not is_vector_set(known["code"])
+    with pytest.raises(SteeringError, match="CAA vector set.*v@1:shift"):
+        SteeringSpec.parse("v@0").validate(known)
+    with pytest.raises(SteeringError, match="not 'patch'"):
+        SteeringSpec.parse("v@1:patch").validate(known)
+    spec = SteeringSpec.parse("v@0.5:shift,code@0,w@-1:shift")
+    offsets = spec.to_offsets(known)
+    assert sorted(offsets) == [1, 3] and offsets[1].dtype == np.float32
+    assert np.array_equal(offsets[1], np.full(4, -0.5)) and np.array_equal(offsets[3], np.full(4, 1.5))
+    assert spec.to_rows(known).keys() == SteeringSpec.parse("code@0").to_rows(known).keys()  # vectors skip rows
+    assert SteeringSpec.parse("code@0").to_offsets(known) == {}
+    assert union_neurons(known.values()).keys() == union_neurons(circuits.values()).keys()
+    assert vector_layers(known.values()) == [1, 3]
