@@ -1,5 +1,9 @@
 """Throughput overhead of steering: stock vLLM vs the plugin (unsteered / 8 specs / 50-50 mix) vs HF hooks.
 
+``--hot-load N`` adds a third engine as ``cna-vllm serve`` builds it (N spare neurons per
+layer and an offset table on every layer) with one CAA vector set, and the arms
+``hotload_unsteered`` and ``hotload_caa`` (every request steered by the vectors).
+
 Arms run interleaved, ``--reps`` times each, for each prompt count in ``--prompts``; the
 reported figure is the median over repetitions of generated tokens per second. Writes
 ``{"arms": {NAME: {"tokens_per_s": ...}}, "ratios": {...}}`` (at the largest prompt
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--circuit-size", type=int, default=0, help="neurons per circuit (default 0.1%% of all)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers arm")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--hot-load", type=int, default=0, help="also time an engine with this hot-load reserve")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
 
@@ -81,6 +86,14 @@ def main() -> None:
     common = dict(dtype=args.dtype, max_model_len=512, enforce_eager=args.enforce_eager, max_num_seqs=64)
     stock = LLM(model=str(model_dir), **common)
     steered = SteeredLLM(model_dir, circuits, **common)
+    hot = None
+    if args.hot_load:
+        from cna_vllm.vectors import VectorSet
+
+        rng = np.random.default_rng(99)
+        shape = (ident.num_layers, ident.hidden_size)
+        caa = VectorSet(name="v", layers=range(ident.num_layers), vectors=rng.normal(scale=0.01, size=shape))
+        hot = SteeredLLM(model_dir, {**circuits, "v": caa}, hot_load_neurons=args.hot_load, **common)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     specs8 = [f"c{i % 8}@0" for i in range(max(args.prompts))]
 
@@ -133,6 +146,9 @@ def main() -> None:
         "plugin_steered8": vllm_arm(steered, steering=specs8),
         "plugin_mixed": vllm_arm(steered, steering=[s if i % 2 else None for i, s in enumerate(specs8)]),
     }
+    if hot is not None:
+        arms["hotload_unsteered"] = vllm_arm(hot, steering=[None] * max(args.prompts))
+        arms["hotload_caa"] = vllm_arm(hot, steering=["v@1:shift"] * max(args.prompts))
     if hf is not None:
         arms["hf_hooks_steered"] = hf_arm
     for name in ("stock", "plugin_unsteered"):  # warm-up
@@ -157,6 +173,9 @@ def main() -> None:
             "steered8_vs_stock": med(n, "plugin_steered8") / med(n, "stock"),
             "mixed_vs_stock": med(n, "plugin_mixed") / med(n, "stock"),
         }
+        if "hotload_unsteered" in detail[n]:
+            r["hotload_unsteered_vs_stock"] = med(n, "hotload_unsteered") / med(n, "stock")
+            r["hotload_caa_vs_stock"] = med(n, "hotload_caa") / med(n, "stock")
         if "hf_hooks_steered" in detail[n]:
             r["vllm_steered_vs_hf_hooks"] = med(n, "plugin_steered8") / med(n, "hf_hooks_steered")
         return r
@@ -174,6 +193,7 @@ def main() -> None:
             "circuit_size": k,
             "configs": 8,
             "enforce_eager": args.enforce_eager,
+            "hot_load_neurons": args.hot_load,
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,

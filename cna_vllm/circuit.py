@@ -321,12 +321,19 @@ def load_dir(
     directory: str | Path, model: ModelIdentity | str | Path | None = None
 ) -> dict[str, Circuit | VectorSet]:
     """Load every ``*.safetensors`` circuit file (neuron circuits and CAA vectors) in a directory, by name."""
+    return {name: circuit for name, (_, circuit) in scan_dir(directory, model).items()}
+
+
+def scan_dir(
+    directory: str | Path, model: ModelIdentity | str | Path | None = None
+) -> dict[str, tuple[Path, Circuit | VectorSet]]:
+    """``{name: (file, circuit)}`` for every ``*.safetensors`` circuit file in a directory."""
     from cna_vllm.vectors import load_any
 
-    out: dict[str, Circuit | VectorSet] = {}
+    out: dict[str, tuple[Path, Circuit | VectorSet]] = {}
     for path in sorted(Path(directory).glob("*.safetensors")):
         circuit = load_any(path, model)
         if circuit.name in out:
             raise CircuitError(f"two circuits in {directory} are named {circuit.name!r}")
-        out[circuit.name] = circuit
+        out[circuit.name] = (path.resolve(), circuit)
     return out

@@ -150,7 +150,7 @@ def cmd_ab(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from cna_vllm.circuit import Circuit
     from cna_vllm.evaluate.ab import run_ab, write_report
-    from cna_vllm.evaluate.sweep import Target, derived_circuits, plot_sweep, summarise, sweep_arms
+    from cna_vllm.evaluate.sweep import Target, derived_circuits, plot_sweep, recommendation, summarise, sweep_arms
 
     circuits: dict = {}
     names = list(args.circuit)
@@ -185,6 +185,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     report["sweep"] = summary
     paths = write_report(report, args.out)
     paths.append(plot_sweep(report, summary, Path(args.out) / "sweep.png"))
+    rec_path = Path(args.out) / "recommended.json"
+    rec_path.write_text(json.dumps(recommendation(summary, args.base_url or args.model), indent=2) + "\n")
+    paths.append(rec_path)
     for row in summary["rows"]:
         verdict = "meets target" if row["meets_target"] else "misses: " + "; ".join(row["misses"])
         print(f"{row['arm']:<40} α={row['alpha']:+.2f} refusal={row['refusal_rate']:.3f} "
@@ -194,6 +197,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(f"recommended: {best['arm']} (α={best['alpha']:+.2f})")
     else:
         print("no setting meets the target: " + json.dumps(target.__dict__))
+        if summary["closest"]:
+            print(f"closest (largest reduction that kept quality and MMLU): {summary['closest']['arm']}")
     print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cna_vllm.circuit import Circuit, load_dir
+from cna_vllm.circuit import Circuit, scan_dir
 from cna_vllm.engine.plugin import STEERED
 from cna_vllm.engine.state import (
     CONFIG_KEY,
@@ -65,10 +65,11 @@ def prepare_circuits(circuits: CircuitsArg, model_dir: str | Path) -> tuple[dict
         loaded: dict[str, Source] = {}
         files: dict[str, Path] = {}
     elif isinstance(circuits, str | Path):
-        loaded = load_dir(circuits)
-        if not loaded:
+        found = scan_dir(circuits)
+        if not found:
             raise SteeringError(f"no circuits (*.safetensors) in {circuits}")
-        files = {}
+        loaded = {name: circuit for name, (_, circuit) in found.items()}
+        files = {name: path for name, (path, _) in found.items()}
     else:
         loaded, files = {}, {}
         for name, value in circuits.items():

@@ -2,7 +2,8 @@
 
 Public APIs used elsewhere and not listed here: ``ModelRegistry.register_model``, the V1
 ``LogitsProcessor`` interface, ``SamplingParams.extra_args``, ``additional_config``,
-``hf_overrides``, prompt ``cache_salt``, ``LLM`` / ``AsyncLLM``. Pinned to vllm 0.32.0.
+``hf_overrides``, prompt ``cache_salt``, ``LLM`` / ``AsyncLLM``, ``worker_extension_cls`` with
+``collective_rpc`` (hot-loading). Pinned to vllm 0.32.0.
 """
 
 from __future__ import annotations

@@ -106,7 +106,36 @@ def summarise(report: dict[str, Any], target: Target) -> dict[str, Any]:
         )
     good = [r for r in rows if r["meets_target"]]
     best = min(good, key=lambda r: (abs(r["alpha"]), r["n_neurons"] or 0)) if good else None
-    return {"target": target.__dict__, "baseline": baseline["name"], "rows": rows, "recommended": best}
+    # Without a winner: the largest refusal reduction among arms that keep quality and MMLU.
+    safe = [r for r in rows if all(m.startswith("refusal reduction") for m in r["misses"])]
+    closest = max(safe, key=lambda r: r["relative_refusal_reduction"] or -1.0) if safe and not best else None
+    return {
+        "target": target.__dict__,
+        "baseline": baseline["name"],
+        "rows": rows,
+        "recommended": best,
+        "closest": closest,
+    }
+
+
+def recommendation(summary: dict[str, Any], model: str) -> dict[str, Any]:
+    """The ``recommended.json`` record: the arm string to use, and whether it meets the target."""
+    pick = summary["recommended"] or summary["closest"]
+    out: dict[str, Any] = {
+        "model": model,
+        "spec": pick["arm"] if pick else None,
+        "meets_target": bool(summary["recommended"]),
+        "target": summary["target"],
+    }
+    if pick:
+        keys = ("alpha", "kind", "n_neurons", "refusal_rate", "relative_refusal_reduction", "quality_paper")
+        out.update({k: pick[k] for k in (*keys, "quality_robust", "mmlu_accuracy")})
+    if not summary["recommended"]:
+        out["note"] = (
+            "no setting met the target; spec is the arm with the largest refusal reduction that kept quality "
+            "and MMLU" if pick else "no setting met the target, and none kept quality and MMLU"
+        )
+    return out
 
 
 def plot_sweep(report: dict[str, Any], summary: dict[str, Any], path: str | Path) -> Path:

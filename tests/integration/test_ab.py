@@ -61,14 +61,25 @@ def test_ab_report_through_the_server(server, tmp_path):
 def test_sweep_through_the_server(server, tmp_path):
     out = tmp_path / "sweep"
     proc = cli("sweep", "--base-url", f"{server.url}/v1", "--circuit", "refusal", "--values", "0,3",
-               "--limit", "3", "--mmlu", "0", "--harmless", "", "--max-tokens", "12", "--out", str(out))
+               "--caa", "refusal-caa", "--caa-alphas", "1", "--limit", "3", "--mmlu", "0", "--harmless", "",
+               "--max-tokens", "12", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows = report["sweep"]["rows"]
-    assert [(r["mode"], r["value"], r["alpha"]) for r in rows] == [("scale", 0.0, 1.0), ("scale", 3.0, -2.0)]
+    assert [(r["kind"], r["mode"], r["value"], r["alpha"]) for r in rows] == [
+        ("cna", "scale", 0.0, 1.0),
+        ("cna", "scale", 3.0, -2.0),
+        ("caa", "shift", 1.0, 1.0),
+    ]
+    caa = report["arms"][-1]
+    assert caa["spec"] == [{"circuit": "refusal-caa", "mode": "shift", "alpha": 1.0}]
+    assert caa["outputs"] != report["arms"][0]["outputs"], "CAA through the server changed nothing"
     assert all(isinstance(r["meets_target"], bool) for r in rows)
     assert ("recommended:" in proc.stdout) or ("no setting meets the target" in proc.stdout)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    rec = json.loads((out / "recommended.json").read_text())
+    assert rec["meets_target"] == (report["sweep"]["recommended"] is not None)
+    assert rec["spec"] is None or rec["spec"] in {r["arm"] for r in rows}
 
 
 def test_ab_errors_are_readable(server, tmp_path):

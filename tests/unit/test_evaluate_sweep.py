@@ -1,0 +1,56 @@
+"""Sweep arms, verdicts against the target, and the recommendation record (no engine)."""
+
+from __future__ import annotations
+
+from cna_vllm.evaluate.sweep import Target, recommendation, strength, summarise, sweep_arms
+from cna_vllm.steering import SteeringSpec
+
+
+def arm(name, spec, refusal, quality=0.99, mmlu=0.5, kind="cna", n=100):
+    return {
+        "name": name,
+        "spec": SteeringSpec.parse(spec).to_list() if spec else [],
+        "refusal_rate": refusal,
+        "relative_refusal_reduction": None if not spec else (0.4 - refusal) / 0.4,
+        "quality_paper": quality,
+        "quality_robust": quality - 0.05,
+        "mmlu_accuracy": mmlu,
+        "circuits": {name.split("@")[0]: {"kind": kind, "num_neurons": n if kind == "cna" else None}} if spec else {},
+    }
+
+
+def test_sweep_arms_cover_the_grid_and_skip_no_ops():
+    arms = sweep_arms(["c"], ["scale", "shift"], [0, 1, 2], ["v"], [0, 0.5])
+    assert [a.name for a in arms] == ["baseline", "c@0", "c@2", "c@1:shift", "c@2:shift", "v@0.5:shift"]
+    assert strength(SteeringSpec.parse("c@3").items[0]) == -2
+    assert strength(SteeringSpec.parse("v@0.5:shift").items[0]) == 0.5
+
+
+def test_the_smallest_setting_that_meets_the_target_is_recommended():
+    report = {
+        "arms": [
+            arm("baseline", None, 0.4),
+            arm("c@0", "c@0", 0.7),  # refusal up
+            arm("c@3", "c@3", 0.1),  # meets, |α| = 2
+            arm("c@2", "c@2", 0.15),  # meets, |α| = 1: recommended
+            arm("v@1:shift", "v@1:shift", 0.0, quality=0.5, kind="caa"),  # quality collapses
+            arm("c@5", "c@5", 0.1, mmlu=0.45),  # MMLU drop of 5 pp
+        ]
+    }
+    summary = summarise(report, Target())
+    verdicts = {r["arm"]: r["meets_target"] for r in summary["rows"]}
+    assert verdicts == {"c@0": False, "c@3": True, "c@2": True, "v@1:shift": False, "c@5": False}
+    by = {r["arm"]: r for r in summary["rows"]}
+    assert by["v@1:shift"]["kind"] == "caa" and any("quality" in m for m in by["v@1:shift"]["misses"])
+    assert any("MMLU" in m for m in by["c@5"]["misses"])
+    assert summary["recommended"]["arm"] == "c@2" and summary["closest"] is None
+    rec = recommendation(summary, "m")
+    assert rec["spec"] == "c@2" and rec["meets_target"] and rec["alpha"] == -1 and "note" not in rec
+
+
+def test_without_a_winner_the_closest_safe_arm_is_named_plainly():
+    report = {"arms": [arm("baseline", None, 0.4), arm("c@2", "c@2", 0.3), arm("v@1:shift", "v@1:shift", 0.0, 0.4)]}
+    summary = summarise(report, Target())
+    assert summary["recommended"] is None and summary["closest"]["arm"] == "c@2"
+    rec = recommendation(summary, "m")
+    assert rec["spec"] == "c@2" and not rec["meets_target"] and "no setting met the target" in rec["note"]
