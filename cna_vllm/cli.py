@@ -30,9 +30,9 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from cna_vllm.circuit import Circuit
+    from cna_vllm.vectors import load_any
 
-    circuit = Circuit.load(args.file)
+    circuit = load_any(args.file)
     if args.model:
         from cna_vllm.models import resolve_model
 

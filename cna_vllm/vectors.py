@@ -106,6 +106,19 @@ class VectorSet:
             "tool_version": self.version,
         }
 
+    def summary(self, top: int = 0) -> str:
+        """Human-readable description: site, layers and vector norms (``top`` is unused)."""
+        meta = self.metadata()
+        lines = [f"CAA vector set {self.name!r} ({self.site}), {len(self)} layer(s)"]
+        if self.description:
+            lines.append(self.description)
+        if self.model:
+            m = self.model
+            lines.append(f"model: {m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}")
+        lines.append("layer  ‖v‖")
+        lines += [f"{layer:>5}  {norm:.4f}" for layer, norm in zip(meta["layers"], meta["norms"], strict=True)]
+        return "\n".join(lines)
+
     def save(self, path: str | Path) -> Path:
         return write_file(path, {"layers": self.layers, "vectors": self.vectors}, self.metadata())
 

@@ -192,6 +192,7 @@ class SteeringState:
     ) -> None:
         self.circuits = dict(circuits)
         self.identity: Any = None  # the served model (dir or ModelIdentity), for hot-loaded circuits
+        self.hot_load_neurons = 0  # spare columns reserved per layer (build() sets it)
         self.columns = dict(columns)
         self.capacity = capacity
         self.device = device
@@ -243,7 +244,9 @@ class SteeringState:
             )
             for layer in sorted(neuron_layers)
         }
-        return cls(circuits, columns, offset_layers, hidden_size=hidden_size, **kwargs)
+        state = cls(circuits, columns, offset_layers, hidden_size=hidden_size, **kwargs)
+        state.hot_load_neurons = hot_load_neurons
+        return state
 
     # ------------------------------------------------------------------ reporting
     def table_bytes(self) -> int:
@@ -267,20 +270,16 @@ class SteeringState:
         """Raise :class:`SteeringError` unless :meth:`add` would succeed."""
         if name in self.circuits:
             raise SteeringError(f"a circuit named {name!r} is already loaded")
+        if not self.hot_load_neurons:
+            raise SteeringError(
+                "this engine reserved no room for new circuits; start it with a hot-load reserve "
+                "(SteeredLLM(hot_load_neurons=N), cna-vllm serve --hot-load-neurons N)"
+            )
         if is_vector_set(circuit):
-            absent = sorted(set(circuit.layers.tolist()) - set(self.offset))
-            if absent and not self.offset:
-                raise SteeringError("this engine reserved no room for new circuits (start it with hot-load enabled)")
-            if absent:
-                logger.debug("vector set %s: layers %s are not held by this rank", name, absent)
-            return
+            return  # every held layer has an offset table when hot-loading
         for layer, ids in circuit.by_layer().items():
             cols = self.columns.get(layer)
             if cols is None:
-                if not self.columns or not any(c.spare for c in self.columns.values()):
-                    raise SteeringError(
-                        "this engine reserved no room for new circuits (start it with hot-load enabled)"
-                    )
                 continue  # a layer another pipeline rank holds
             new = cols.missing(ids)
             if len(new) > len(cols.spare):

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from cna_vllm.circuit import Circuit
+from cna_vllm.circuit import Circuit, scan_dir
 from cna_vllm.models import DEFAULT_MODEL, SMALL_MODEL, ModelIdentity, resolve_model
 
 pytestmark = pytest.mark.slow
@@ -60,6 +60,10 @@ def test_shipped_circuit_loads_and_validates(alias):
     proc = run_cli("inspect", str(path), "--model", alias)
     assert proc.returncode == 0, proc.stderr
     assert f"valid for {alias}" in proc.stdout and "neurons per layer" in proc.stdout
+    shipped = scan_dir(REPO / "circuits" / alias, resolve_model(alias))  # every file, of either kind
+    assert {"refusal", "refusal-caa"} <= set(shipped) and shipped["refusal-caa"][1].kind == "caa"
+    proc = run_cli("inspect", str(shipped["refusal-caa"][0]), "--model", alias)
+    assert proc.returncode == 0 and "CAA vector set 'refusal-caa' (mlp_out)" in proc.stdout, proc.stderr
 
 
 def test_cli_errors_are_readable(tmp_path):

@@ -334,6 +334,7 @@ def test_async_engine_requests_join_mid_stream(tiny_root):
     """AsyncSteeredLLM: a request with a new spec arrives while others are decoding; capacity 2 queues."""
     model_dir, circuits, ref = tiny_setup("LlamaForCausalLM", tiny_root)
     from cna_vllm.engine.llm import AsyncSteeredLLM
+    from cna_vllm.errors import SteeringError
 
     prompts = token_prompts(5, seed=9)
     specs = [None, "a@0", "b@4", "a@1:patch", "a@0"]
@@ -342,6 +343,9 @@ def test_async_engine_requests_join_mid_stream(tiny_root):
     async def run():
         engine = AsyncSteeredLLM(model_dir, circuits, max_steering_configs=2, **TINY)
         try:
+            with pytest.raises(SteeringError, match="no room"):  # built without a hot-load reserve
+                await engine.add_circuit(random_circuit("z", model_dir, 8, seed=15))
+            assert "z" not in engine.circuits
             results: dict[int, object] = {}
 
             async def one(i):
