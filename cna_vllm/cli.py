@@ -111,8 +111,11 @@ def _backend(args: argparse.Namespace, circuits=None):
     circuits = circuits or args.circuits or REPO_CIRCUITS / model_alias(args.model)
     if hasattr(os, "sched_getaffinity"):  # offline: the engine may use every core (vLLM keeps one back)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    from cna_vllm.engine.llm import has_cuda
+
+    dtype = args.dtype or ("bfloat16" if has_cuda() else "float32")  # CPUs here lack fast bf16
     return EngineBackend(
-        args.model, circuits, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        args.model, circuits, dtype=dtype, max_model_len=args.max_model_len, enforce_eager=True,
         kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
     )
 
@@ -305,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--served-model", help="model name on the server (default: its first model)")
         p.add_argument("--api-key", default="none")
         p.add_argument("--concurrency", type=int, default=16)
-        p.add_argument("--dtype", default="bfloat16", help="in-process engine dtype")
+        p.add_argument("--dtype", help="in-process engine dtype (default bfloat16 on GPU, float32 on CPU)")
         p.add_argument("--max-model-len", type=int, default=2048)
         p.add_argument("--kv-cache-gib", type=int, default=2)
 

@@ -131,7 +131,7 @@ def engine_kwargs(
         raise SteeringError("speculative decoding is not supported with steering")
     # The V1 runner is required (patches.P3); the worker refuses V2 loudly if this is overridden.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    if _has_cuda() and not kw.get("enforce_eager"):
+    if has_cuda() and not kw.get("enforce_eager"):
         comp = kw.get("compilation_config") or {}
         if isinstance(comp, dict):
             kw["compilation_config"] = {"cudagraph_mode": "PIECEWISE", **comp}
@@ -155,7 +155,7 @@ def steering_info(circuits: Mapping[str, Source], capacity: int) -> dict[str, An
     }
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     try:
         import torch
 
