@@ -18,11 +18,12 @@ adds circuits or CAA vector sets while it runs, through the worker RPCs of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -237,50 +238,10 @@ class SpecGate:
 
 # --------------------------------------------------------------------------- shared front end
 class _SteeredFrontEnd:
-    """What the offline and async front ends share: circuits, validation, capacity, hot-load."""
-
-    def _setup(
-        self,
-        model: str | Path,
-        circuits: CircuitsArg,
-        max_steering_configs: int,
-        hot_load_neurons: int,
-        vllm_kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Load the circuits; the engine keyword arguments."""
-        kw, self.circuits = engine_kwargs(
-            model,
-            circuits,
-            max_steering_configs=max_steering_configs,
-            hot_load_neurons=hot_load_neurons,
-            **vllm_kwargs,
-        )
-        self.model_dir = kw["model"]
-        self.max_steering_configs = max_steering_configs
-        self.hot_load_neurons = hot_load_neurons
-        return kw
-
-    def steering_info(self) -> dict[str, Any]:
-        return {**steering_info(self.circuits, self.max_steering_configs), "hot_load_neurons": self.hot_load_neurons}
-
-    def _hot_load(self, source: str | Path | Source) -> tuple[str, Source, dict[str, str]]:
-        name, circuit, entry = hot_load_entry(source, self.model_dir)
-        if name in self.circuits:
-            raise SteeringError(f"a circuit named {name!r} is already loaded")
-        return name, circuit, entry
-
-
-def _rpc_error(exc: Exception) -> SteeringError:
-    """A worker-side failure of a hot-load RPC, as a :class:`SteeringError` with the worker's message."""
-    return exc if isinstance(exc, SteeringError) else SteeringError(f"the engine refused the circuit: {exc}")
-
-
-# --------------------------------------------------------------------------- offline API
-class SteeredLLM(_SteeredFrontEnd):
-    """``vllm.LLM`` with circuits and a per-request ``steering=`` argument.
+    """What the offline and async front ends share: circuits, validation, capacity, hot-load.
 
     ``circuits`` is ``{name: path, Circuit or VectorSet}`` or a directory of circuit files.
-    Any other keyword goes to ``vllm.LLM``.
+    Any other keyword goes to the vLLM engine; subclasses start it in :meth:`_start`.
     """
 
     def __init__(
@@ -292,20 +253,57 @@ class SteeredLLM(_SteeredFrontEnd):
         hot_load_neurons: int = 0,
         **vllm_kwargs: Any,
     ) -> None:
+        kw, self.circuits = engine_kwargs(
+            model,
+            circuits,
+            max_steering_configs=max_steering_configs,
+            hot_load_neurons=hot_load_neurons,
+            **vllm_kwargs,
+        )
+        self.model_dir = kw["model"]
+        self.max_steering_configs = max_steering_configs
+        self.hot_load_neurons = hot_load_neurons
+        self._start(kw)
+
+    def _start(self, engine_kwargs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def steering_info(self) -> dict[str, Any]:
+        return {**steering_info(self.circuits, self.max_steering_configs), "hot_load_neurons": self.hot_load_neurons}
+
+    def _hot_load(self, source: str | Path | Source) -> tuple[str, Source, dict[str, str]]:
+        name, circuit, entry = hot_load_entry(source, self.model_dir)
+        if name in self.circuits:
+            raise SteeringError(f"a circuit named {name!r} is already loaded")
+        return name, circuit, entry
+
+
+@contextlib.contextmanager
+def _worker_errors() -> Iterator[None]:
+    """Re-raise a worker-side failure of a hot-load RPC as a :class:`SteeringError` with its message."""
+    try:
+        yield
+    except CnaError:
+        raise
+    except Exception as exc:  # a worker's error comes back as a generic exception
+        raise SteeringError(f"the engine refused the circuit: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- offline API
+class SteeredLLM(_SteeredFrontEnd):
+    """``vllm.LLM`` with circuits and a per-request ``steering=`` argument (see the base class)."""
+
+    def _start(self, engine_kwargs: dict[str, Any]) -> None:
         from vllm import LLM
 
-        self.llm = LLM(**self._setup(model, circuits, max_steering_configs, hot_load_neurons, vllm_kwargs))
+        self.llm = LLM(**engine_kwargs)
 
     def add_circuit(self, source: str | Path | Source) -> str:
         """Add a circuit or vector set (file or object) to the running engine; returns its name."""
         name, circuit, entry = self._hot_load(source)
-        try:
+        with _worker_errors():  # check on every worker, then add
             self.llm.collective_rpc("cna_check_circuit", args=(name, entry))
             self.llm.collective_rpc("cna_add_circuit", args=(name, entry))
-        except CnaError:
-            raise
-        except Exception as exc:  # a worker's error comes back as a generic exception
-            raise _rpc_error(exc) from exc
         self.circuits[name] = circuit
         return name
 
@@ -381,21 +379,12 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
     :meth:`shutdown` when done.
     """
 
-    def __init__(
-        self,
-        model: str | Path,
-        circuits: CircuitsArg = None,
-        *,
-        max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS,
-        hot_load_neurons: int = 0,
-        **vllm_kwargs: Any,
-    ) -> None:
+    def _start(self, engine_kwargs: dict[str, Any]) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kw = self._setup(model, circuits, max_steering_configs, hot_load_neurons, vllm_kwargs)
-        self.gate = SpecGate(max_steering_configs)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+        self.gate = SpecGate(self.max_steering_configs)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
 
     def spec(self, steering: Any) -> SteeringSpec:
         return SteeringSpec.parse(steering).validate(self.circuits)
@@ -435,10 +424,6 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
 
 async def add_to_engine(engine: Any, name: str, entry: dict[str, str]) -> None:
     """Check on every worker, then add: circuit ``name`` (``{"path", "sha256"}``) in a running ``AsyncLLM``."""
-    try:
+    with _worker_errors():
         await engine.collective_rpc("cna_check_circuit", args=(name, entry))
         await engine.collective_rpc("cna_add_circuit", args=(name, entry))
-    except CnaError:
-        raise
-    except Exception as exc:  # a worker's error comes back as a generic exception
-        raise _rpc_error(exc) from exc

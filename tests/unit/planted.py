@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -60,3 +61,19 @@ def token_sets(n: int = 12, seed: int = 0) -> tuple[list[list[int]], list[list[i
     negative = [seq() for _ in range(n)]
     diverse = [seq() for _ in range(2 * n)]
     return positive, negative, diverse
+
+
+def circuit_of(name: str, keys: list[tuple[int, int]], seed: int = 0):
+    """A model-less circuit on the given ``(layer, neuron)`` pairs, with random means."""
+    from cna_vllm.circuit import Circuit
+
+    rng = np.random.default_rng(seed)
+    n = len(keys)
+    return Circuit(
+        name=name,
+        layers=[k[0] for k in keys],
+        neurons=[k[1] for k in keys],
+        score=np.linspace(1, 0.1, n),
+        mean_pos=rng.normal(size=n),
+        mean_neg=rng.normal(size=n),
+    )

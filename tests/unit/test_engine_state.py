@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from cna_vllm.circuit import Circuit
 from cna_vllm.engine.layers import SteeredActivation
 from cna_vllm.engine.llm import SpecGate, plan_waves
 from cna_vllm.engine.state import EngineSteeringConfig, LayerColumns, SteeringState, shard_index
 from cna_vllm.errors import SteeringError
 from cna_vllm.steering import SteeringSpec
 from cna_vllm.vectors import VectorSet
+
+from .planted import circuit_of as circuit
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
@@ -23,17 +24,6 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # n
 I = 16  # intermediate size  # noqa: E741
 
 
-def circuit(name, keys, seed=0):
-    rng = np.random.default_rng(seed)
-    n = len(keys)
-    return Circuit(
-        name=name,
-        layers=[k[0] for k in keys],
-        neurons=[k[1] for k in keys],
-        score=np.ones(n),
-        mean_pos=rng.normal(size=n),
-        mean_neg=rng.normal(size=n),
-    )
 
 
 H = 4  # hidden size

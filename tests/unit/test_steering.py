@@ -13,18 +13,7 @@ from cna_vllm.circuit import Circuit
 from cna_vllm.errors import SteeringError
 from cna_vllm.steering import MAX_ABS_VALUE, SteeringItem, SteeringSpec, parse_many, union_neurons
 
-
-def circuit(name: str, keys: list[tuple[int, int]], seed: int = 0) -> Circuit:
-    rng = np.random.default_rng(seed)
-    n = len(keys)
-    return Circuit(
-        name=name,
-        layers=[k[0] for k in keys],
-        neurons=[k[1] for k in keys],
-        score=np.linspace(1, 0.1, n),
-        mean_pos=rng.normal(size=n),
-        mean_neg=rng.normal(size=n),
-    )
+from .planted import circuit_of as circuit
 
 
 @pytest.fixture
