@@ -220,6 +220,22 @@ def cmd_overlap(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'overlap.json'}, {plot}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from cna_vllm.export import export
+    from cna_vllm.models import model_alias
+
+    circuits = args.circuits or REPO_CIRCUITS / model_alias(args.model)
+    result = export(args.spec, args.model, circuits, args.out, format=args.format, overwrite=args.overwrite)
+    layers = ", ".join(f"L{layer}: {k}" for layer, k in result.layers.items())
+    print(f"wrote {result.format} {result.out} for {result.metadata['spec']!r} (neurons per layer {layers})")
+    if result.format == "peft-lora":
+        rank = result.vllm_max_lora_rank or result.rank
+        print(f"LoRA rank {result.rank}; serve with stock vLLM:\n  vllm serve {result.model_dir} "
+              f"--enable-lora --max-lora-rank {rank} --lora-modules {result.out.name}={result.out}")
+    else:
+        print(f"serve with stock vLLM:\n  vllm serve {result.out}")
+
+
 def _discover_caa(args, model, tokenizer, positive, negative, name, identity, out: Path) -> None:
     from cna_vllm.discover import discover_caa
 
@@ -338,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, help="compare only the top N neurons of each (the paper uses 200)")
     p.add_argument("--out", default="overlap", help="output directory")
     p.set_defaults(func=cmd_overlap)
+
+    p = sub.add_parser("export", help="write a scale-mode spec as a PEFT LoRA adapter or a merged model")
+    p.add_argument("spec", help="steering spec, e.g. refusal@0 or 'refusal@0,other@2' (scale items only for LoRA)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded alias, HF directory or hub id")
+    p.add_argument("--circuits", help="circuits directory (default circuits/<model>/)")
+    p.add_argument("--format", choices=["peft-lora", "merged"], default="peft-lora",
+                   help="peft-lora: adapter for --enable-lora servers; merged: a full HF model directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_export)
 
     # Listed for --help only: main() hands `serve` and all its flags to vLLM's server parser.
     sub.add_parser("serve", help="OpenAI-compatible steered server (vLLM's flags plus --circuits; serve --help)")

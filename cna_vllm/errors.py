@@ -21,3 +21,7 @@ class PromptSetError(CnaError, ValueError):
 
 class SteeringError(CnaError, ValueError):
     """A steering request is invalid (unknown circuit, bad number, bad mode...)."""
+
+
+class ExportError(CnaError, ValueError):
+    """A steering spec cannot be exported as a LoRA adapter or merged weights (e.g. it needs a bias)."""

@@ -73,6 +73,10 @@ class SteeringEndpointPlugin:
             logger.warning("cna-vllm endpoint plugin: no %r in additional_config; not attaching", CONFIG_KEY)
             return
         app.include_router(router)
+        if not getattr(args, "no_playground", False):  # playground hook (issue #12): GET /playground
+            from cna_vllm.server.playground import router as playground_router
+
+            app.include_router(playground_router)
         # Innermost: vLLM's authentication (and CORS) run before any steering validation.
         app.user_middleware.append(Middleware(SteeringMiddleware))
         if app.middleware_stack is not None:  # build_app's SageMaker bootstrap already built it
@@ -150,6 +154,11 @@ def make_parser() -> Any:
         type=int,
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest completion request body accepted (HTTP 413 above)",
+    )
+    g.add_argument(  # playground hook (issue #12)
+        "--no-playground",
+        action="store_true",
+        help="do not serve the steering playground page at GET /playground",
     )
     parser.set_defaults(model=DEFAULT_MODEL)
     return parser
