@@ -214,9 +214,11 @@ def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise SteeringError(f"{what} must be a number, got {value!r}")
     try:
-        out = float(value)
+        out = float(value) + 0.0  # -0.0 -> 0.0: one fingerprint, row and cache namespace per value
     except ValueError as exc:
-        raise SteeringError(f"{what} must be a number, got {value!r}") from exc
+        raise SteeringError(f"{what} must be a number, got {str(value)[:40]!r}") from exc
+    except OverflowError as exc:  # an integer too large for a float
+        raise SteeringError(f"{what} must be a finite number, got {str(value)[:40]!r}...") from exc
     if not math.isfinite(out):
         raise SteeringError(f"{what} must be finite, got {value!r}")
     if abs(out) > MAX_ABS_VALUE:

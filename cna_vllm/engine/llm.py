@@ -4,7 +4,8 @@ Both build the engine the same way (:func:`engine_kwargs`): the checkpoint's arc
 is overridden with its ``Steered*`` twin, circuits travel to the workers in
 ``additional_config`` (part of vLLM's compile-cache hash), and the steering logits
 processor is registered. Every steered request gets ``extra_args["steering"]`` and a
-steering-keyed ``cache_salt``, so prefix-cache blocks are never shared across specs.
+steering-keyed ``cache_salt`` (composed at intake, :mod:`cna_vllm.engine.intake`), so
+prefix-cache blocks are never shared across specs.
 
 Capacity: at most ``max_steering_configs`` distinct specs may be in flight. Further
 requests with new specs *wait* (offline: later waves; async: until a row frees up).
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cna_vllm.circuit import Circuit, scan_dir
+from cna_vllm.engine.intake import add_to_catalogue
 from cna_vllm.engine.plugin import STEERED
 from cna_vllm.engine.state import (
     CONFIG_KEY,
@@ -128,6 +130,11 @@ def engine_kwargs(
     kw["logits_processors"] = procs
     if not kw.get("worker_extension_cls"):
         kw["worker_extension_cls"] = WORKER_EXTENSION_FQCN  # add_circuit's RPCs
+    if not kw.get("scheduler_cls"):  # the row cap is enforced where vLLM admits requests (engine/admission.py)
+        from cna_vllm.engine.admission import ASYNC_SCHEDULER_FQCN, SCHEDULER_FQCN
+
+        use_async = has_cuda() and kw.get("async_scheduling") is not False
+        kw["scheduler_cls"] = ASYNC_SCHEDULER_FQCN if use_async else SCHEDULER_FQCN
     if kw.get("speculative_config"):
         raise SteeringError("speculative decoding is not supported with steering")
     # The V1 runner is required (patches.P3); the worker refuses V2 loudly if this is overridden.
@@ -177,17 +184,13 @@ def effective_spec(spec: SteeringSpec, params: Any) -> SteeringSpec:
 
 
 def steer_request(prompt: Any, params: Any, spec: SteeringSpec) -> tuple[Any, Any]:
-    """Attach ``spec`` to one request: ``extra_args["steering"]`` plus a keyed ``cache_salt``."""
+    """Attach ``spec`` to one request as ``extra_args["steering"]`` (the salt is composed at intake, P5)."""
     params = params.clone()
     extra = dict(params.extra_args or {})
     extra.pop("steering", None)
     if spec:
         extra["steering"] = spec.to_list()
     params.extra_args = extra or None
-    if spec:
-        prompt = {"prompt": prompt} if isinstance(prompt, str) else dict(prompt)
-        salt = spec.cache_salt()
-        prompt["cache_salt"] = f"{prompt['cache_salt']}|{salt}" if prompt.get("cache_salt") else salt
     return prompt, params
 
 
@@ -304,6 +307,7 @@ class SteeredLLM(_SteeredFrontEnd):
         with _worker_errors():  # check on every worker, then add
             self.llm.collective_rpc("cna_check_circuit", args=(name, entry))
             self.llm.collective_rpc("cna_add_circuit", args=(name, entry))
+        add_to_catalogue(self.llm.llm_engine.vllm_config, name, circuit)  # steerable at intake from now on
         self.circuits[name] = circuit
         return name
 
@@ -395,7 +399,7 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
     async def add_circuit(self, source: str | Path | Source) -> str:
         """Add a circuit or vector set to the running engine; returns its name."""
         name, circuit, entry = self._hot_load(source)
-        await add_to_engine(self.engine, name, entry)
+        await add_to_engine(self.engine, name, entry, circuit)
         self.circuits[name] = circuit
         return name
 
@@ -412,18 +416,21 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
         spec = effective_spec(self.spec(steering), sampling_params).validate(self.circuits)
         prompt, params = steer_request(prompt, sampling_params, spec)
         await self.gate.acquire(spec)
+        stream = self.engine.generate(prompt, params, request_id, **kwargs)
         try:
-            async for out in self.engine.generate(prompt, params, request_id, **kwargs):
+            async for out in stream:
                 yield out
-        finally:
+        finally:  # a caller that stops early: the engine aborts the request before its row is released
+            await stream.aclose()
             await self.gate.release(spec)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
 
-async def add_to_engine(engine: Any, name: str, entry: dict[str, str]) -> None:
+async def add_to_engine(engine: Any, name: str, entry: dict[str, str], circuit: Source) -> None:
     """Check on every worker, then add: circuit ``name`` (``{"path", "sha256"}``) in a running ``AsyncLLM``."""
     with _worker_errors():
         await engine.collective_rpc("cna_check_circuit", args=(name, entry))
         await engine.collective_rpc("cna_add_circuit", args=(name, entry))
+    add_to_catalogue(engine.vllm_config, name, circuit)  # steerable at intake once every worker has it

@@ -3,7 +3,26 @@
 Public APIs used elsewhere and not listed here: ``ModelRegistry.register_model``, the V1
 ``LogitsProcessor`` interface, ``SamplingParams.extra_args``, ``additional_config``,
 ``hf_overrides``, prompt ``cache_salt``, ``LLM`` / ``AsyncLLM``, ``worker_extension_cls`` with
-``collective_rpc`` (hot-loading). Pinned to vllm 0.32.0.
+``collective_rpc`` (hot-loading), ``scheduler_cls`` (row admission, :mod:`cna_vllm.engine.admission`,
+a subclass of vLLM's ``Scheduler``, whose interface vLLM calls not yet public). Pinned to vllm 0.32.0.
+
+The engine patches P1-P5 are below. The server touches vLLM internals in four more places,
+listed here so that this file is the one inventory (issue #9):
+
+- S1 ``cna_vllm.server.app.run_server`` is a copy of vLLM's single-process ``run_server``
+  built from its launcher modules (``vllm.entrypoints.launchers.*``).
+  why: the steering plugin must be attached between ``build_app`` and ``init_app_state``.
+  when it can go: when ``vllm.endpoint_plugins`` is loaded by ``vllm serve`` itself on the CPU
+  build (then ``VLLM_PLUGINS=cna_vllm vllm serve`` with the engine arguments is enough).
+- S2 ``SteeringEndpointPlugin.attach_router`` appends to ``app.user_middleware`` and rebuilds
+  ``app.middleware_stack`` (Starlette internals) because ``build_app`` already built it.
+  when it can go: when vLLM's endpoint-plugin protocol can add middleware before the build.
+- S3 ``cna_vllm.server.auth.GuardEveryRoute`` subclasses vLLM's ``AuthenticationMiddleware``
+  (``vllm.entrypoints.serve.middleware.authenticate``) to guard every route, not only ``/v1``.
+  when it can go: when vLLM's API key guards ``/invocations``, ``/tokenize``, ``/metrics``.
+- S4 ``SteeredLLM.shutdown`` calls ``llm.llm_engine.engine_core.shutdown()`` to stop the
+  engine-core process at once instead of at garbage collection.
+  when it can go: when ``vllm.LLM`` has a public ``shutdown()``.
 """
 
 from __future__ import annotations
@@ -89,6 +108,8 @@ def set_activation(mlp: nn.Module, act: nn.Module) -> None:
 #           type; wrapping loses the fused act+quant kernel, and other quant methods
 #           are untested -> refused.
 #         - the steering logits processor must be registered, or no request gets a row.
+#         - the scheduler must be a SteeringAdmission one, or a step could need more rows
+#           than the tables hold.
 #   how:  check ``use_v2_model_runner``, ``compilation_config.cudagraph_mode``,
 #         ``speculative_config``, ``quant_config``, ``model_config.logits_processors``.
 #   when it can go: V2 -> when a ``get_model_state_cls`` implementation lands here;
@@ -117,6 +138,13 @@ def check_supported(vllm_config: Any) -> None:
         problems.append(
             f"quantized models ({vllm_config.model_config.quantization}) are not supported: the steered "
             "activation replaces the fused activation+quantization path"
+        )
+    from cna_vllm.engine.admission import SteeringAdmission
+
+    if not issubclass(vllm_config.scheduler_config.get_scheduler_cls(), SteeringAdmission):
+        problems.append(
+            "the scheduler does not cap distinct steering specs; set scheduler_cls="
+            "'cna_vllm.engine.admission.SteeringScheduler' (SteeredLLM and cna-vllm serve do this)"
         )
     procs = vllm_config.model_config.logits_processors or ()
     if not any(p is SteeringLogitsProcessor or p == LOGITS_PROCESSOR_FQCN for p in procs):
@@ -151,3 +179,47 @@ def add_output_offset(mlp: nn.Module, offset: torch.Tensor, token_rows: torch.Te
     mlp.__class__ = cls
     mlp.register_buffer("cna_offset", offset, persistent=False)
     mlp.register_buffer("cna_token_rows", token_rows, persistent=False)
+
+
+# --------------------------------------------------------------------------- P5
+# P5 checking and salting steering in ``InputProcessor.process_inputs`` (API process).
+#   why:  every request reaches the engine through this method, whatever the route
+#         (``/v1/...``, ``/invocations``, ``vllm_xargs``), the header spelling, or the API
+#         (offline ``LLM``, ``AsyncLLM``). Validating there, not in an HTTP middleware, means
+#         no path can hand a worker an unknown circuit (which used to kill the engine) or
+#         steer without the steering-keyed cache salt (which poisoned the prefix cache).
+#         Custom logits processors' ``validate_params`` is called there too, but it sees only
+#         the sampling params, not the request's cache salt nor the engine's circuits.
+#   how:  wrap the method; after the stock processing, :func:`cna_vllm.engine.intake.check_request`
+#         validates the spec against the engine's catalogue, rewrites it to the canonical
+#         wire form and composes the cache salt, raising ``SteeringError`` (a ``ValueError``:
+#         vLLM answers 400) on bad input. Installed once per process by the general plugin.
+#         Not covered: an ``EngineCoreRequest`` passed directly to ``AsyncLLM.generate``
+#         (deprecated in vLLM 0.32); the scheduler's row cap (engine/admission.py) still holds.
+#   related upstream: vLLM has no per-request input hook for plugins (only
+#         ``LogitsProcessor.validate_params``, which cannot see the request).
+#   when it can go: when vLLM offers a request-level validation/rewrite hook to plugins.
+
+
+def install_input_check() -> None:
+    """Wrap ``InputProcessor.process_inputs`` with :func:`~cna_vllm.engine.intake.check_request` (idempotent)."""
+    import functools
+
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    stock = InputProcessor.process_inputs
+    if getattr(stock, "_cna_checked", False):
+        return
+
+    @functools.wraps(stock)
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = stock(self, *args, **kwargs)
+        from cna_vllm.engine.intake import check_request
+        from cna_vllm.engine.state import CONFIG_KEY
+
+        if CONFIG_KEY in (self.vllm_config.additional_config or {}):
+            check_request(self.vllm_config, request)
+        return request
+
+    process_inputs._cna_checked = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = process_inputs

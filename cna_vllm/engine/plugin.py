@@ -25,6 +25,10 @@ def register() -> None:
     """Register every steered class lazily (by ``module:Class``), once per process."""
     from vllm import ModelRegistry
 
+    from cna_vllm.engine.patches import install_input_check
+
+    install_input_check()  # P5: steering validated and salted for every request, on every path
+
     supported = ModelRegistry.get_supported_archs()
     for name in STEERED.values():
         if name not in supported:

@@ -362,8 +362,13 @@ class SteeringState:
 
         for slot in update.removed:
             self.set_slot(slot, 0)
-        for slot, params, _prompt, _out in update.added:
-            spec = spec_of(params)
+        # An added request may replace the one in its slot without that slot being listed as
+        # removed: release every replaced row *before* acquiring any, so a step that frees a row
+        # and takes one for a new spec never finds the table full (issue #9, capacity crash).
+        added = [(slot, spec_of(params)) for slot, params, _prompt, _out in update.added]
+        for slot, _spec in added:
+            self.set_slot(slot, 0)
+        for slot, spec in added:
             self.set_slot(slot, self.acquire(spec))
         for a, b, direction in update.moved:
             ra, rb = int(self.slot_rows[a]), int(self.slot_rows[b])

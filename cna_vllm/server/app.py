@@ -79,6 +79,10 @@ class SteeringEndpointPlugin:
             app.include_router(playground_router)
         # Innermost: vLLM's authentication (and CORS) run before any steering validation.
         app.user_middleware.append(Middleware(SteeringMiddleware))
+        from cna_vllm.server.auth import GuardEveryRoute, api_tokens
+
+        if tokens := api_tokens(args):  # outermost: no route that runs the model is open
+            app.user_middleware.insert(0, Middleware(GuardEveryRoute, tokens=tokens))
         if app.middleware_stack is not None:  # build_app's SageMaker bootstrap already built it
             app.middleware_stack = app.build_middleware_stack()
         app.state.cna_attached = True
@@ -170,6 +174,13 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     from cna_vllm.models import EMBEDDED, model_alias
 
     _limits(args)  # fail early on bad bounds
+    from cna_vllm.errors import SteeringError
+
+    if args.max_steering_configs < 1:
+        raise SteeringError(f"--max-steering-configs must be at least 1, got {args.max_steering_configs}")
+    if args.hot_load_neurons < 0:
+        raise SteeringError(f"--hot-load-neurons must be at least 0, got {args.hot_load_neurons}")
+    cpu_defaults(args)
     model = args.model_tag or args.model
     alias = model_alias(model)
     circuits = args.circuits
@@ -188,12 +199,14 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
         additional_config=args.additional_config,
         logits_processors=args.logits_processors,
         speculative_config=args.speculative_config,
+        scheduler_cls=getattr(args, "scheduler_cls", None),
     )
     args.model, args.model_tag = kw["model"], None
     args.hf_overrides = kw["hf_overrides"]
     args.additional_config = kw["additional_config"]
     args.logits_processors = kw["logits_processors"]
     args.worker_extension_cls = kw["worker_extension_cls"]
+    args.scheduler_cls = kw["scheduler_cls"]
     mode = (kw.get("compilation_config") or {}).get("cudagraph_mode")
     if mode and getattr(args.compilation_config, "cudagraph_mode", "set") is None:
         from vllm.config.compilation import CUDAGraphMode
@@ -203,6 +216,26 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
         args.served_model_name = [alias if model in EMBEDDED else model]
     args.cna_circuits_root = REPO_CIRCUITS
     return args
+
+
+CPU_KV_CACHE_GIB = "4"
+CPU_MAX_MODEL_LEN = 8192
+
+
+def cpu_defaults(args: argparse.Namespace) -> None:
+    """On a CPU-only host, size the KV cache for the model instead of reserving 92% of host memory.
+
+    vLLM's CPU backend otherwise reserves ``gpu_memory_utilization`` (0.92) of host memory and
+    fails to start when anything else holds 2 GiB. Here: a 4 GiB KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``) and an 8192-token context, unless the user set either.
+    """
+    from cna_vllm.engine.llm import has_cuda
+
+    if has_cuda():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+    if args.max_model_len is None:
+        args.max_model_len = CPU_MAX_MODEL_LEN
 
 
 async def run_server(args: argparse.Namespace, **uvicorn_kwargs: Any) -> None:

@@ -63,10 +63,14 @@ class Catalog:
         p = Path(path)
         if not p.is_absolute():
             raise ApiError("path must be an absolute server-side path", param="path", code="invalid_path")
+        if not p.is_file():  # missing, a directory, a device: one answer, no oracle for what exists
+            raise ApiError("no readable circuit file at this path", param="path", code="invalid_circuit")
         try:
             circuit = load_any(p)
             circuit.validate_for(self.model_dir)
             entry = {"path": str(p), "sha256": file_sha256(p)}
+        except OSError:
+            raise ApiError("no readable circuit file at this path", param="path", code="invalid_circuit") from None
         except CnaError as exc:
             code = "circuit_model_mismatch" if "another model" in str(exc) else "invalid_circuit"
             raise ApiError(str(exc), param="path", code=code) from None

@@ -2,7 +2,10 @@
 
 For ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body,
 validates ``steering`` (:func:`~cna_vllm.server.schema.parse_steering`), and rewrites it
-into ``vllm_xargs={"steering": "<canonical JSON>"}`` plus a steering-keyed ``cache_salt``.
+into ``vllm_xargs={"steering": "<canonical JSON>"}``. It is a convenience layer, not the
+safety boundary: every request, on every route, is validated and salted again at intake
+(:mod:`cna_vllm.engine.intake`), and the scheduler caps distinct specs
+(:mod:`cna_vllm.engine.admission`).
 The rewritten request then goes to vLLM's stock handler, so chat templates, streaming,
 stop strings, logprobs and disconnect-aborts are vLLM's. Every response carries
 ``x-cna-steering`` (compact spec or ``none``) and ``x-cna-steering-fingerprint``.
@@ -20,6 +23,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cna_vllm.engine.intake import SALT_PREFIX
 from cna_vllm.server.schema import ApiError, echo, parse_steering
 from cna_vllm.steering import SteeringSpec
 
@@ -92,8 +96,8 @@ class SteeringMiddleware:
             return
         path = scope["path"].removeprefix(scope.get("root_path", "") or "")
         endpoint = STEERED_PATHS.get(path)
-        if endpoint is None and "json" not in Headers(scope=scope).get("content-type", ""):
-            await self.app(scope, receive, send)
+        if "json" not in Headers(scope=scope).get("content-type", "").lower():
+            await self.app(scope, receive, send)  # vLLM refuses non-JSON bodies; intake checks the rest
             return
         state = getattr(scope["app"].state, "cna_steering", None)
         try:
@@ -109,6 +113,9 @@ class SteeringMiddleware:
             return
         try:
             data = json.loads(body) if body else None
+        except RecursionError:
+            await _send_error(send, ApiError("request body is nested too deeply", param=None, code="invalid_json"))
+            return
         except ValueError:
             data = None  # not JSON: vLLM answers it
         if not isinstance(data, dict):
@@ -137,16 +144,20 @@ class SteeringMiddleware:
                 "pass steering in the top-level 'steering' field, not in vllm_xargs",
                 param="vllm_xargs.steering",
             )
+        salt = data.get("cache_salt")
+        if isinstance(salt, str) and salt.startswith(SALT_PREFIX):  # also refused at intake, for every path
+            raise ApiError(
+                f"cache_salt may not start with {SALT_PREFIX!r}: that prefix is reserved for steering",
+                param="cache_salt",
+                code="reserved_cache_salt",
+            )
         spec = parse_steering(
             data.pop("steering", None), state.limits, state.catalog.circuits, foreign=state.catalog.foreign
         )
         if spec:
             xargs = dict(xargs) if isinstance(xargs, dict) else {}
             xargs["steering"] = json.dumps(spec.to_list(), separators=(",", ":"))
-            data["vllm_xargs"] = xargs
-            salt = spec.cache_salt()
-            user = data.get("cache_salt")
-            data["cache_salt"] = f"{user}|{salt}" if isinstance(user, str) and user else salt
+            data["vllm_xargs"] = xargs  # validated again and salted at intake (engine/intake.py), for every path
         return spec
 
     async def _forward(

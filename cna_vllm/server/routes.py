@@ -3,6 +3,7 @@
 No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.
 """
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -79,7 +80,7 @@ async def load_circuit(request: Request) -> JSONResponse:
                 f"invalid request: {param or 'body'}: {first['msg']}", param=param, code="invalid_request"
             ) from None
         async with state.hot_load_lock:
-            circuit, entry, loaded = state.catalog.check_hot_load(body.path)
+            circuit, entry, loaded = await asyncio.to_thread(state.catalog.check_hot_load, body.path)  # file I/O
             if loaded:
                 return JSONResponse({"status": "already_loaded", **state.catalog.describe(circuit.name)})
             if not state.catalog.hot_load_neurons:
@@ -91,7 +92,7 @@ async def load_circuit(request: Request) -> JSONResponse:
                     code="hot_load_disabled",
                 )
             try:
-                await add_to_engine(request.app.state.engine_client, circuit.name, entry)
+                await add_to_engine(request.app.state.engine_client, circuit.name, entry, circuit)
             except SteeringError as exc:
                 raise ApiError(str(exc), status=409, param="path", code="hot_load_refused") from None
             state.catalog.add(circuit.name, circuit, entry)

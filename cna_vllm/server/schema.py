@@ -28,9 +28,13 @@ def _finite(value: Any) -> float:
     """A JSON number (not a bool or a string) that is finite."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"must be a number, got {type(value).__name__} {value!r:.40}")
-    if not math.isfinite(value):
+    try:
+        out = float(value)
+    except OverflowError:  # a JSON integer too large for a float
+        raise ValueError(f"must be a finite number, got an integer of {len(str(value))} digits") from None
+    if not math.isfinite(out):
         raise ValueError(f"must be a finite number, got {value!r}")
-    return float(value)
+    return out + 0.0  # -0.0 -> 0.0: one fingerprint per value
 
 
 Number = Annotated[float, BeforeValidator(_finite)]

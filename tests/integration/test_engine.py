@@ -315,19 +315,28 @@ def test_tensor_parallel_2(tiny_root, monkeypatch):
     assert check_against_reference(outs, TINY_SPECS, 10, ref) >= 3
 
 
-def test_worker_refuses_rather_than_serving_unsteered(tiny_root):
-    """Bypassing the front-end queue past capacity kills the step loudly; no unsteered text."""
-    model_dir, circuits, _ = tiny_setup("LlamaForCausalLM", tiny_root)
+def test_bypassing_the_front_end_past_capacity_waits_in_the_scheduler(tiny_root):
+    """Issue #9: 3 distinct specs sent straight to vLLM with 2 rows, plus requests that finish at
+    different steps so freed slots are reused for new specs. The scheduler holds specs back
+    (engine/admission.py) and the worker releases before it acquires: no engine death, and every
+    output equals the HF reference. Also: an unknown circuit sent straight to vLLM is refused
+    at intake (patch P5) and the engine goes on."""
+    model_dir, circuits, ref = tiny_setup("LlamaForCausalLM", tiny_root)
     from cna_vllm.engine.llm import steer_request
 
+    specs = ["a@0", "a@2", "b@0", None, "b@0", "a@1:patch"]
+    lengths = [3, 9, 5, 7, 2, 6]
     with steered_engine(model_dir, circuits, max_steering_configs=2, **TINY) as llm:
         reqs = [
-            steer_request(p, greedy(4), SteeringSpec.parse(s))
-            for p, s in zip(token_prompts(3, seed=8), ["a@0", "a@2", "b@0"], strict=True)
+            steer_request(p, greedy(n), SteeringSpec.parse(s))
+            for p, s, n in zip(token_prompts(len(specs), seed=8), specs, lengths, strict=True)
         ]
-        with pytest.raises(Exception) as info:
-            llm.llm.generate([r[0] for r in reqs], [r[1] for r in reqs], use_tqdm=False)
-        assert "EngineDead" in type(info.value).__name__ or "steering rows" in str(info.value)
+        outs = llm.llm.generate([r[0] for r in reqs], [r[1] for r in reqs], use_tqdm=False)
+        bad = steer_request(token_prompts(1, seed=3)[0], greedy(2), SteeringSpec.parse("nope@1"))
+        with pytest.raises(ValueError, match="unknown circuit 'nope'"):
+            llm.llm.generate([bad[0]], [bad[1]], use_tqdm=False)
+        assert llm.generate(token_prompts(1, seed=4), greedy(2))[0].outputs[0].token_ids  # still alive
+    assert check_against_reference(outs, specs, lengths, ref) >= 3
 
 
 def test_async_engine_requests_join_mid_stream(tiny_root):

@@ -134,7 +134,7 @@ def compact(steering) -> str:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    text = httpx.get(f"{url}/metrics", timeout=30, headers=AUTH).text
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name) or line.startswith("#"):
@@ -255,6 +255,11 @@ def test_api_key_required_everywhere(servers):
         ("POST", "/v1/chat/completions", chat),
         ("POST", "/v1/chat/completions", bad),  # authentication comes before steering validation
         ("POST", "/v1/completions", body("completions", "hi")),
+        # vLLM's own auth guards only /v1, /v2, /inference, /cohere (issue #9): these were open
+        ("POST", "/invocations", body("chat", "hi")),
+        ("POST", "/tokenize", {"model": MODEL, "prompt": "hi"}),
+        ("POST", "/detokenize", {"model": MODEL, "tokens": [1, 2]}),
+        ("GET", "/metrics", None),
     ]
     for method, path, payload in calls:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -264,6 +269,34 @@ def test_api_key_required_everywhere(servers):
     assert httpx.get(f"{url}/v1/circuits", headers=AUTH).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong").models.list()
+
+
+def test_bypasses_of_the_http_layer_cannot_kill_or_poison(servers):
+    """Issue #9, as an attacker tried it: each used to kill the engine or change others' answers."""
+    url = servers.steered.url
+    upper = {**AUTH, "Content-Type": "APPLICATION/JSON"}
+    smuggled = body("chat", "hi", vllm_xargs={"steering": '[{"circuit":"nope","multiplier":2}]'})
+    r = httpx.post(f"{url}/invocations", content=json.dumps(smuggled), headers=upper, timeout=60)
+    assert r.status_code == 400, r.text  # used to be a 500 and a dead engine
+    r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(smuggled), headers=upper, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "vllm_xargs.steering"
+    # a forged steering salt on an unsteered request is refused (it used to reuse steered KV)
+    forged = body("chat", PROMPTS[0], cache_salt="cna-steer-" + "0" * 16)
+    r = post(url, "chat", forged)
+    assert r.status_code == 400 and "reserved" in r.json()["error"]["message"], r.text
+    # a 128-character user salt with steering works (the composed salt stays under vLLM's cap)
+    salted = body("chat", PROMPTS[0], SPECS[0], cache_salt="s" * 128)
+    assert generate(url, "chat", salted) == generate(url, "chat", body("chat", PROMPTS[0], SPECS[0]))
+    # -0.0 and 0 are the same spec
+    a = post(url, "chat", body("chat", "hi", {"circuit": "refusal", "multiplier": -0.0}))
+    b = post(url, "chat", body("chat", "hi", {"circuit": "refusal", "multiplier": 0}))
+    assert a.headers["x-cna-steering-fingerprint"] == b.headers["x-cna-steering-fingerprint"]
+    # a text/plain body with steering neither takes a row nor echoes steering
+    r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(body("chat", "hi", SPECS[0])),
+                   headers={**AUTH, "Content-Type": "text/plain"}, timeout=60)  # fmt: skip
+    assert r.status_code >= 400 and r.headers.get("x-cna-steering") in (None, "none")
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert generate(url, "chat", body("chat", PROMPTS[2])) == alone(servers, "chat", PROMPTS[2])
 
 
 # --------------------------------------------------------------------------- clients

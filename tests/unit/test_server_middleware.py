@@ -44,15 +44,25 @@ def test_rewrites_into_vllm_fields(client):
     assert "steering" not in got
     spec = SteeringSpec.parse(got["vllm_xargs"]["steering"])  # a flat string, as vLLM requires
     assert str(spec) == "refusal@0" and got["vllm_xargs"]["k"] == 1
-    assert got["cache_salt"] == spec.cache_salt()
+    assert "cache_salt" not in got  # composed at intake (engine/intake.py) for every path
     assert r.headers["x-cna-steering"] == "refusal@0"
     assert r.headers["x-cna-steering-fingerprint"] == spec.fingerprint()
 
 
-def test_user_cache_salt_is_kept_and_extended(client):
+def test_user_cache_salt_is_passed_on_for_intake(client):
     r = client.post("/v1/completions", json={"prompt": "x", "cache_salt": "tenant1", "steering": "other@2:shift"})
-    got = r.json()["received"]
-    assert got["cache_salt"] == "tenant1|" + SteeringSpec.parse("other@2:shift").cache_salt()
+    assert r.json()["received"]["cache_salt"] == "tenant1"  # intake composes it with the steering key
+
+
+def test_content_type_is_matched_in_any_case_and_deep_nesting_is_a_400(client):
+    body = '{"prompt": "x", "steering": {"circuit": "nope", "multiplier": 2}}'
+    r = client.post("/v1/completions", content=body, headers={"Content-Type": "APPLICATION/JSON"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_circuit"
+    r = client.post("/v1/completions", content="[" * 5_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    huge = '{"prompt": "x", "steering": {"circuit": "refusal", "multiplier": 1' + "0" * 400 + "}}"
+    r = client.post("/v1/completions", content=huge, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "finite" in r.json()["error"]["message"]
 
 
 def test_unsteered_passes_unchanged(client):
