@@ -103,8 +103,8 @@ def pct(values: list[float], q: float) -> float | None:
 
 async def soak(url: str, circuits: Path, seconds: float, concurrency: int, seed: int) -> dict:
     rng = random.Random(seed)
-    stats: dict = {"sent": 0, "completed": 0, "disconnected": 0, "rejected": {}, "server_errors": 0,
-                   "mismatches": [], "hot_loads": 0, "latency_s": [], "kinds": {}}  # fmt: skip
+    stats: dict = {"sent": 0, "completed": 0, "disconnected": 0, "rejected": {}, "server_errors": 0, "mismatches": [],
+                   "unexpected_rejections": [], "hot_loads": 0, "latency_s": [], "kinds": {}}  # fmt: skip
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600, limits=limits) as client:
         solo: dict[tuple[str, str | None], str] = {}
@@ -148,8 +148,8 @@ async def soak(url: str, circuits: Path, seconds: float, concurrency: int, seed:
             payload = chat(prompt, spec)
             if kind == "stop":
                 payload["stop"] = [" the", "."]
-            elif kind == "n2":
-                payload["n"] = 2
+            elif kind == "n2":  # vLLM refuses n > 1 with greedy decoding: sampled, so only checked for success
+                payload.update(n=2, temperature=1.0, seed=rng.randrange(1 << 30))
             elif kind == "bad":
                 payload.update(rng.choice(BAD))
             r = await client.post("/v1/chat/completions", json=payload)
@@ -158,9 +158,15 @@ async def soak(url: str, circuits: Path, seconds: float, concurrency: int, seed:
                 return
             if r.status_code != 200:
                 stats["rejected"][str(r.status_code)] = stats["rejected"].get(str(r.status_code), 0) + 1
+                if kind != "bad":
+                    stats["unexpected_rejections"].append({"kind": kind, "spec": spec, "body": r.text[:200]})
                 return
             stats["latency_s"].append(time.monotonic() - t0)
             stats["completed"] += 1
+            if kind == "n2":
+                if len(r.json()["choices"]) != 2:
+                    stats["mismatches"].append({"prompt": prompt, "spec": spec, "kind": kind, "got": r.text[:200]})
+                return
             want = solo[(prompt, ref_spec)]
             for choice in r.json()["choices"]:
                 got = choice["message"]["content"]

@@ -17,5 +17,6 @@ def test_short_soak(tmp_path):
     stats = soak.main(["--seconds", "40", "--concurrency", "12", "--out", str(tmp_path / "soak.json")])
     assert stats["engine_deaths"] == 0 and stats["server_errors"] == 0, stats
     assert stats["mismatch_count"] == 0, stats["mismatches"][:3]
+    assert not stats["unexpected_rejections"], stats["unexpected_rejections"][:3]  # only the bad corpus is a 4xx
     assert stats["completed"] >= 20 and stats["disconnected"] >= 3 and stats["rejected"], stats
     assert stats["hot_loads"] >= 1, stats

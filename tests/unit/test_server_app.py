@@ -1,0 +1,54 @@
+"""Server start-up (flags, CPU defaults) and the every-route API-key guard."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from cna_vllm.errors import SteeringError
+from cna_vllm.server.app import CPU_MAX_MODEL_LEN, cpu_defaults, make_parser, prepare_args
+from cna_vllm.server.auth import GuardEveryRoute
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-steering-configs", "0"), ("--hot-load-neurons", "-1")])
+def test_bad_capacity_flags_are_a_clear_error(flag, value):
+    args = make_parser().parse_args([flag, value])
+    with pytest.raises(SteeringError, match=f"{flag} must be at least"):
+        prepare_args(args)
+
+
+def test_cpu_defaults_size_the_kv_cache_and_context(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    args = make_parser().parse_args([])
+    cpu_defaults(args)
+    import os
+
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4" and args.max_model_len == CPU_MAX_MODEL_LEN
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    args = make_parser().parse_args(["--max-model-len", "2048"])
+    cpu_defaults(args)  # the user's choices win
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2" and args.max_model_len == 2048
+
+
+def test_every_route_but_the_probes_needs_the_key():
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    guarded = ["/invocations", "/tokenize", "/metrics", "/v1/models"]
+    paths = [*guarded, "/health", "/ping", "/playground", "/playground/x.js"]
+    app = Starlette(
+        routes=[Route(p, ok, methods=["GET", "POST"]) for p in paths],
+        middleware=[Middleware(GuardEveryRoute, tokens=["k"])],
+    )
+    client = TestClient(app)
+    for p in ("/invocations", "/tokenize", "/metrics", "/v1/models"):
+        assert client.post(p).status_code == 401 and client.get(p).json() == {"error": "Unauthorized"}
+        assert client.post(p, headers={"Authorization": "Bearer k"}).status_code == 200
+    for p in ("/health", "/ping", "/playground", "/playground/x.js"):
+        assert client.get(p).status_code == 200
