@@ -68,7 +68,8 @@ def free_port() -> int:
 def start_server(circuits: Path, log: Path, rows: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     args = [sys.executable, str(REPO / "server.py"), "--model", SMALL_MODEL, "--circuits", str(circuits),
-            "--api-key", KEY, "--max-steering-configs", str(rows), "--host", "127.0.0.1", "--port", str(port),
+            "--api-key", KEY, "--max-steering-configs", str(rows), "--enable-hot-load",
+            "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "64",
             "--enable-prefix-caching", "--disable-uvicorn-access-log"]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -121,7 +122,7 @@ async def soak(url: str, circuits: Path, seconds: float, concurrency: int, seed:
             while time.monotonic() < end - 5:
                 await asyncio.sleep(seconds / 4)
                 name = f"hot{k}"
-                path = circuits.parent / f"{name}.safetensors"
+                path = circuits / f"{name}.safetensors"  # inside --circuits: allowed for hot-loading
                 replace(Circuit.load(circuits / "refusal.safetensors"), name=name).save(path)
                 r = await client.post("/v1/circuits", json={"path": str(path)})
                 if r.status_code == 201:

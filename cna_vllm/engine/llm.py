@@ -23,7 +23,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -212,31 +212,87 @@ def plan_waves(specs: Sequence[SteeringSpec], capacity: int) -> list[list[int]]:
     return waves
 
 
-class SpecGate:
-    """Async admission: at most ``capacity`` distinct specs in flight; others wait (FIFO-ish)."""
+class AdmissionRefused(CnaError):
+    """A steered request could not wait for a row: the queue is full or the wait timed out."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, message: str, *, status: int, code: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+class SpecGate:
+    """Async admission in one front-end process: at most ``capacity`` distinct specs in flight.
+
+    First come, first served: a request whose spec is already active does not jump ahead of an
+    earlier waiter, so a popular spec cannot starve a rare one. At most ``max_waiting`` requests
+    wait (:class:`AdmissionRefused`, HTTP 429, beyond), each at most ``wait_timeout`` seconds
+    (HTTP 503 then). A waiter that is cancelled (its client went away) leaves the queue.
+    The engine's scheduler enforces the same cap for every path (engine/admission.py); this
+    gate keeps its queue short and gives HTTP clients a clear answer.
+    """
+
+    def __init__(self, capacity: int, max_waiting: int | None = None, wait_timeout: float | None = None) -> None:
+        self.capacity, self.max_waiting, self.wait_timeout = capacity, max_waiting, wait_timeout
         self.active: Counter[str] = Counter()
-        self._cond = asyncio.Condition()
+        self._waiters: deque[tuple[str, asyncio.Future[None]]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _fits(self, key: str) -> bool:
+        return key in self.active or len(self.active) < self.capacity
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            key, fut = self._waiters.popleft()
+            if not fut.done():
+                self.active[key] += 1
+                fut.set_result(None)
 
     async def acquire(self, spec: SteeringSpec) -> None:
         key = spec.fingerprint()
         if not key:
             return
-        async with self._cond:
-            await self._cond.wait_for(lambda: key in self.active or len(self.active) < self.capacity)
+        if not self._waiters and self._fits(key):
             self.active[key] += 1
+            return
+        if self.max_waiting is not None and len(self._waiters) >= self.max_waiting:
+            raise AdmissionRefused(
+                f"{len(self._waiters)} steered requests are already waiting for a steering row; retry later",
+                status=429,
+                code="steering_queue_full",
+            )
+        entry = (key, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry[1]), self.wait_timeout)
+        except BaseException as exc:
+            if entry[1].done() and not entry[1].cancelled():
+                self._release(key)  # granted just as the waiter gave up
+            else:
+                entry[1].cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                self._wake()
+            if isinstance(exc, TimeoutError):
+                raise AdmissionRefused(
+                    f"no steering row became free within {self.wait_timeout:g} s; retry later",
+                    status=503,
+                    code="steering_wait_timeout",
+                ) from None
+            raise
+
+    def _release(self, key: str) -> None:
+        self.active[key] -= 1
+        if self.active[key] <= 0:
+            del self.active[key]
+        self._wake()
 
     async def release(self, spec: SteeringSpec) -> None:
         key = spec.fingerprint()
-        if not key:
-            return
-        async with self._cond:
-            self.active[key] -= 1
-            if self.active[key] <= 0:
-                del self.active[key]
-            self._cond.notify_all()
+        if key:
+            self._release(key)
 
 
 # --------------------------------------------------------------------------- shared front end

@@ -32,6 +32,8 @@ REPO_CIRCUITS = Path(os.environ.get("CNA_VLLM_CIRCUITS_ROOT") or Path(__file__).
 """Where the shipped ``<model alias>/*.safetensors`` circuits live (the repo's, or ``$CNA_VLLM_CIRCUITS_ROOT``)."""
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 DEFAULT_HOT_LOAD_NEURONS = 256
+DEFAULT_MAX_WAITING = 1024
+DEFAULT_WAIT_TIMEOUT = 600.0
 
 
 @dataclass
@@ -43,6 +45,8 @@ class ServerState:
     gate: SpecGate
     metrics: SteeringMetrics
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    hot_load_enabled: bool = False
+    hot_load_roots: tuple[Path, ...] = ()
     hot_load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -102,9 +106,15 @@ class SteeringEndpointPlugin:
         state.cna_steering = ServerState(
             catalog=catalog,
             limits=_limits(args),
-            gate=SpecGate(catalog.capacity),
+            gate=SpecGate(
+                catalog.capacity,
+                max_waiting=getattr(args, "steering_max_waiting", DEFAULT_MAX_WAITING),
+                wait_timeout=getattr(args, "steering_wait_timeout", DEFAULT_WAIT_TIMEOUT) or None,
+            ),
             metrics=m,
             max_request_bytes=getattr(args, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+            hot_load_enabled=bool(getattr(args, "enable_hot_load", False)),
+            hot_load_roots=tuple(getattr(args, "cna_hot_load_roots", ())),
         )
         logger.info(
             "cna-vllm steering: %d circuit(s) %s, %d rows",
@@ -139,6 +149,18 @@ def make_parser() -> Any:
         "serving (it also gives every layer an offset table for CAA vectors); 0 disables hot-loading",
     )
     g.add_argument(
+        "--enable-hot-load",
+        action="store_true",
+        help="enable POST /v1/circuits (off by default); files must lie in --circuits or a --hot-load-dir, "
+        "and a server listening beyond loopback needs --api-key for it",
+    )
+    g.add_argument(
+        "--hot-load-dir",
+        action="append",
+        default=[],
+        help="a directory POST /v1/circuits may read circuit files from (repeatable; --circuits always is one)",
+    )
+    g.add_argument(
         "--steering-max-items", type=int, default=SteeringLimits.max_items, help="most items in one request's steering"
     )
     g.add_argument(
@@ -159,6 +181,18 @@ def make_parser() -> Any:
         default=DEFAULT_MAX_REQUEST_BYTES,
         help="largest completion request body accepted (HTTP 413 above)",
     )
+    g.add_argument(
+        "--steering-max-waiting",
+        type=int,
+        default=DEFAULT_MAX_WAITING,
+        help="most steered requests waiting for a steering row (first come, first served); HTTP 429 beyond",
+    )
+    g.add_argument(
+        "--steering-wait-timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT,
+        help="seconds a steered request may wait for a row before HTTP 503 (0: no limit)",
+    )
     g.add_argument(  # playground hook (issue #12)
         "--no-playground",
         action="store_true",
@@ -178,9 +212,19 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
 
     if args.max_steering_configs < 1:
         raise SteeringError(f"--max-steering-configs must be at least 1, got {args.max_steering_configs}")
+    if args.steering_max_waiting < 0 or args.steering_wait_timeout < 0:
+        raise SteeringError("--steering-max-waiting and --steering-wait-timeout must be at least 0")
     if args.hot_load_neurons < 0:
         raise SteeringError(f"--hot-load-neurons must be at least 0, got {args.hot_load_neurons}")
     cpu_defaults(args)
+    if args.enable_hot_load:
+        from cna_vllm.server.auth import api_tokens
+
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not api_tokens(args):
+            raise SteeringError(
+                "--enable-hot-load on a server that listens beyond loopback needs --api-key "
+                "(or --host 127.0.0.1): it reads files on the server"
+            )
     model = args.model_tag or args.model
     alias = model_alias(model)
     circuits = args.circuits
@@ -215,6 +259,8 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     if not args.served_model_name:  # the name the user gave, not the prepared directory
         args.served_model_name = [alias if model in EMBEDDED else model]
     args.cna_circuits_root = REPO_CIRCUITS
+    roots = [circuits, *args.hot_load_dir] if circuits is not None else list(args.hot_load_dir)
+    args.cna_hot_load_roots = [Path(r).resolve() for r in roots]
     return args
 
 

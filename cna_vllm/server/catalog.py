@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +58,24 @@ class Catalog:
     def listing(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.describe(n) for n in sorted(self.circuits)]}
 
-    def check_hot_load(self, path: str) -> tuple[Source, dict[str, str], bool]:
-        """Validate a server-side circuit file for this model: ``(circuit, entry, already_loaded)``."""
+    def check_hot_load(self, path: str, roots: Sequence[Path] = ()) -> tuple[Source, dict[str, str], bool]:
+        """Validate a server-side circuit file for this model: ``(circuit, entry, already_loaded)``.
+
+        The file must lie (after resolving links) inside one of ``roots``; that is checked before
+        anything about the file is looked at, so the answer says nothing about other paths.
+        """
         p = Path(path)
         if not p.is_absolute():
             raise ApiError("path must be an absolute server-side path", param="path", code="invalid_path")
+        real = p.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise ApiError(
+                "path must lie inside the server's circuit directories (--circuits, --hot-load-dir)",
+                status=403,
+                param="path",
+                code="path_not_allowed",
+            )
+        p = real
         if not p.is_file():  # missing, a directory, a device: one answer, no oracle for what exists
             raise ApiError("no readable circuit file at this path", param="path", code="invalid_circuit")
         try:

@@ -24,6 +24,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cna_vllm.engine.intake import SALT_PREFIX
+from cna_vllm.engine.llm import AdmissionRefused
 from cna_vllm.server.schema import ApiError, echo, parse_steering
 from cna_vllm.steering import SteeringSpec
 
@@ -72,13 +73,17 @@ def _with_length(scope: Scope, length: int) -> Scope:
     return {**scope, "headers": headers}
 
 
-async def _send_error(send: Send, err: ApiError) -> None:
+async def _send_error(send: Send, err: ApiError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(err.body()).encode()
     await send(
         {
             "type": "http.response.start",
             "status": err.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -182,6 +187,11 @@ class SteeringMiddleware:
             m.waiting.inc()
             try:
                 await state.gate.acquire(spec)
+            except AdmissionRefused as exc:
+                m.rejected.labels(exc.code).inc()
+                err = ApiError(str(exc), status=exc.status, param=None, code=exc.code)
+                await _send_error(send, err, [(b"retry-after", str(exc.retry_after).encode())])
+                return
             finally:
                 m.waiting.dec()
             m.rows_in_use.set(len(state.gate.active))

@@ -79,8 +79,17 @@ async def load_circuit(request: Request) -> JSONResponse:
             raise ApiError(
                 f"invalid request: {param or 'body'}: {first['msg']}", param=param, code="invalid_request"
             ) from None
+        if not state.hot_load_enabled:
+            raise ApiError(
+                "loading circuits while serving is off; start the server with --enable-hot-load",
+                status=403,
+                param=None,
+                code="hot_load_not_enabled",
+            )
         async with state.hot_load_lock:
-            circuit, entry, loaded = await asyncio.to_thread(state.catalog.check_hot_load, body.path)  # file I/O
+            circuit, entry, loaded = await asyncio.to_thread(  # file I/O off the event loop
+                state.catalog.check_hot_load, body.path, state.hot_load_roots
+            )
             if loaded:
                 return JSONResponse({"status": "already_loaded", **state.catalog.describe(circuit.name)})
             if not state.catalog.hot_load_neurons:

@@ -73,9 +73,12 @@ def servers(tmp_path_factory):
     shutil.copy(REPO / "circuits" / MODEL / "refusal.safetensors", circuits / "refusal.safetensors")
     top = Circuit.load(circuits / "refusal.safetensors").top(20)
     replace(top, name="refusal-top").save(circuits / "refusal-top.safetensors")
+    hot = tmp / "hot"
+    hot.mkdir()
     steered = _start(
         [sys.executable, str(REPO / "server.py"), "--model", MODEL, "--circuits", str(circuits),
-         "--api-key", KEY, "--max-steering-configs", str(ROWS), *COMMON],
+         "--api-key", KEY, "--max-steering-configs", str(ROWS), "--enable-hot-load", "--hot-load-dir", str(hot),
+         *COMMON],
         tmp / "steered.log",
     )  # fmt: skip
     stock = _start(
@@ -179,15 +182,23 @@ def test_models_and_circuit_catalogue(servers):
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_circuit"
 
 
-def test_circuit_hot_load(servers, tmp_path):
+def test_circuit_hot_load(servers):
     """POST /v1/circuits adds circuits and CAA vectors to the running engine; misfits get 4xx."""
     url = servers.steered.url + "/v1/circuits"
+    tmp_path = servers.circuits.parent / "hot"  # the --hot-load-dir
     other = REPO / "circuits" / "qwen2.5-coder-0.5b-instruct" / "refusal.safetensors"
-    r = httpx.post(url, json={"path": str(other)}, headers=AUTH)
+    r = httpx.post(url, json={"path": str(other)}, headers=AUTH)  # outside the allowed directories
+    assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed", r.text
+    for outside in ("/etc/passwd", "/dev/zero", "/nonexistent/x.safetensors", str(tmp_path / ".." / ".." / "x")):
+        r = httpx.post(url, json={"path": outside}, headers=AUTH)  # no oracle: same answer for all
+        assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed", r.text
+    shutil.copy(other, tmp_path / "qwen-refusal.safetensors")
+    r = httpx.post(url, json={"path": str(tmp_path / "qwen-refusal.safetensors")}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "circuit_model_mismatch", r.text
     r = httpx.post(url, json={"path": str(servers.circuits / "refusal.safetensors")}, headers=AUTH)
     assert r.status_code == 200 and r.json()["status"] == "already_loaded", r.text
-    for bad in [{"path": "relative.safetensors"}, {"path": str(tmp_path / "missing.safetensors")}, {"file": "x"}]:
+    for bad in [{"path": "relative.safetensors"}, {"path": str(tmp_path / "missing.safetensors")},
+                {"path": str(tmp_path)}, {"file": "x"}]:  # fmt: skip
         r = httpx.post(url, json=bad, headers=AUTH)
         assert r.status_code == 400 and r.json()["error"]["message"], r.text
 

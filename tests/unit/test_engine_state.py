@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cna_vllm.engine.layers import SteeredActivation
-from cna_vllm.engine.llm import SpecGate, plan_waves
+from cna_vllm.engine.llm import AdmissionRefused, SpecGate, plan_waves
 from cna_vllm.engine.state import EngineSteeringConfig, LayerColumns, SteeringState, shard_index
 from cna_vllm.errors import SteeringError
 from cna_vllm.steering import SteeringSpec
@@ -298,3 +298,38 @@ def test_spec_in_sampling_params_is_honoured_and_salted():
     assert prompt["cache_salt"] == "user"
     prompt, new = steer_request("hi", sp, SteeringSpec())
     assert prompt == "hi" and not (new.extra_args or {}).get("steering")
+
+
+def test_spec_gate_is_fifo_bounded_and_times_out():
+    """Issue #9: an active spec does not jump ahead of an earlier waiter; full queue -> 429; timeout -> 503."""
+    a, b, c = (SteeringSpec.parse(x) for x in ("a@0", "b@0", "c@0"))
+
+    async def run():
+        gate = SpecGate(1, max_waiting=2, wait_timeout=None)
+        await gate.acquire(a)
+        wait_b = asyncio.create_task(gate.acquire(b))
+        await asyncio.sleep(0.01)
+        wait_a = asyncio.create_task(gate.acquire(a))  # a is active, but b came first
+        await asyncio.sleep(0.01)
+        assert not wait_a.done() and gate.waiting == 2
+        with pytest.raises(AdmissionRefused) as full:
+            await gate.acquire(c)
+        assert full.value.status == 429 and full.value.code == "steering_queue_full"
+        await gate.release(a)
+        await asyncio.wait_for(wait_b, 1)
+        assert not wait_a.done() and set(gate.active) == {b.fingerprint()}
+        wait_a.cancel()  # its client went away: it leaves the queue
+        await asyncio.sleep(0.01)
+        assert gate.waiting == 0
+        await gate.release(b)
+        assert not gate.active
+
+        gate = SpecGate(1, wait_timeout=0.05)
+        await gate.acquire(a)
+        with pytest.raises(AdmissionRefused) as late:
+            await gate.acquire(b)
+        assert late.value.status == 503 and gate.waiting == 0
+        await gate.release(a)
+        await asyncio.wait_for(gate.acquire(b), 1)  # the row is free again
+
+    asyncio.run(run())

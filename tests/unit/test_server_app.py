@@ -52,3 +52,30 @@ def test_every_route_but_the_probes_needs_the_key():
         assert client.post(p, headers={"Authorization": "Bearer k"}).status_code == 200
     for p in ("/health", "/ping", "/playground", "/playground/x.js"):
         assert client.get(p).status_code == 200
+
+
+def test_hot_load_is_opt_in_and_needs_a_key_beyond_loopback():
+    args = make_parser().parse_args(["--enable-hot-load", "--host", "0.0.0.0"])
+    with pytest.raises(SteeringError, match="needs --api-key"):
+        prepare_args(args)
+
+    from fastapi import FastAPI
+
+    from cna_vllm.engine.llm import SpecGate
+    from cna_vllm.server.app import ServerState
+    from cna_vllm.server.catalog import Catalog
+    from cna_vllm.server.metrics import metrics
+    from cna_vllm.server.routes import router
+    from cna_vllm.server.schema import SteeringLimits
+
+    app = FastAPI()
+    app.include_router(router)
+    catalog = Catalog({}, {}, "/m", "m", 2, hot_load_neurons=256)
+    app.state.cna_steering = ServerState(catalog, SteeringLimits(), SpecGate(2), metrics())  # flag off
+    r = TestClient(app).post("/v1/circuits", json={"path": "/etc/passwd"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "hot_load_not_enabled"
+    app.state.cna_steering.hot_load_enabled = True
+    app.state.cna_steering.hot_load_roots = ()  # no directory allowed: every path is outside
+    for path in ("/etc/passwd", "/dev/zero", "/nonexistent"):
+        r = TestClient(app).post("/v1/circuits", json={"path": path})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "path_not_allowed"

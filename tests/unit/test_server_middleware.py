@@ -121,3 +121,13 @@ def test_endpoint_plugin_protocol_and_attach():
     plugin.attach_router(app)  # idempotent
     assert {"/v1/circuits", "/v1/circuits/{name}"} <= paths(app)
     assert [m.cls for m in app.user_middleware] == [SteeringMiddleware]
+
+
+def test_full_steering_queue_is_a_429_with_retry_after(client):
+    state = client.app.state.cna_steering
+    state.gate = SpecGate(1, max_waiting=0)
+    state.gate.active["someone-else"] = 1  # the only row is held by another spec
+    r = client.post("/v1/completions", json={"prompt": "x", "steering": "refusal@0"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "steering_queue_full"
+    assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 200  # unsteered: never queued
