@@ -49,6 +49,8 @@ MODES: dict[str, str] = {"scale": "multiplier", "patch": "alpha", "shift": "alph
 MAX_ABS_VALUE = 100.0
 """Bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
 MAX_ITEMS = 16
+SALT_PREFIX = "cna-steer-"
+"""Reserved cache-salt prefix: only steered requests carry it (see :mod:`cna_vllm.engine.intake`)."""
 
 VECTOR_MODES = ("shift",)
 """The modes a CAA vector set takes."""
@@ -164,7 +166,7 @@ class SteeringSpec:
 
     def cache_salt(self) -> str | None:
         """The vLLM ``cache_salt`` that isolates this spec's prefix-cache blocks; None if empty."""
-        return f"cna-steer-{self.fingerprint()}" if self.items else None
+        return f"{SALT_PREFIX}{self.fingerprint()}" if self.items else None
 
     # ------------------------------------------------------------------ engine rows
     def to_rows(self, circuits: Mapping[str, Circuit | VectorSet]) -> LayerRows:

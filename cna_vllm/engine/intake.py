@@ -21,10 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import SteeringSpec, is_vector_set
-
-SALT_PREFIX = "cna-steer-"
-"""Reserved cache-salt prefix: only steered requests carry it."""
+from cna_vllm.steering import SALT_PREFIX, SteeringSpec, is_vector_set
 
 _CATALOGUES: dict[str, dict[str, dict[str, str]]] = {}
 """API-process registry: vLLM instance id -> {circuit name: {"kind": ...}}."""
@@ -47,13 +44,18 @@ def add_to_catalogue(vllm_config: Any, name: str, circuit: Any) -> None:
     catalogue(vllm_config)[name] = {"kind": "caa" if is_vector_set(circuit) else "cna"}
 
 
+def check_user_salt(user_salt: object) -> None:
+    """Refuse a client's cache salt that starts with the reserved :data:`SALT_PREFIX`."""
+    if isinstance(user_salt, str) and user_salt.startswith(SALT_PREFIX):
+        raise SteeringError(f"cache_salt may not start with {SALT_PREFIX!r}: that prefix is reserved for steering")
+
+
 def compose_salt(spec: SteeringSpec, user_salt: str | None) -> str | None:
     """The request's cache salt: the user's for unsteered requests; steering-keyed otherwise."""
-    if user_salt and user_salt.startswith(SALT_PREFIX):
-        raise SteeringError(f"cache_salt may not start with {SALT_PREFIX!r}: that prefix is reserved for steering")
-    if not spec:
+    check_user_salt(user_salt)
+    salt = spec.cache_salt()
+    if salt is None:
         return user_salt
-    salt = SALT_PREFIX + spec.fingerprint()
     if user_salt:
         salt += "|" + hashlib.sha256(user_salt.encode()).hexdigest()[:16]
     return salt

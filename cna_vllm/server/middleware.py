@@ -23,8 +23,9 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cna_vllm.engine.intake import SALT_PREFIX
+from cna_vllm.engine.intake import check_user_salt
 from cna_vllm.engine.llm import AdmissionRefused
+from cna_vllm.errors import SteeringError
 from cna_vllm.server.schema import ApiError, echo, parse_steering
 from cna_vllm.steering import SteeringSpec
 
@@ -149,13 +150,10 @@ class SteeringMiddleware:
                 "pass steering in the top-level 'steering' field, not in vllm_xargs",
                 param="vllm_xargs.steering",
             )
-        salt = data.get("cache_salt")
-        if isinstance(salt, str) and salt.startswith(SALT_PREFIX):  # also refused at intake, for every path
-            raise ApiError(
-                f"cache_salt may not start with {SALT_PREFIX!r}: that prefix is reserved for steering",
-                param="cache_salt",
-                code="reserved_cache_salt",
-            )
+        try:  # intake refuses it on every path; here HTTP clients get a 400 with its own code
+            check_user_salt(data.get("cache_salt"))
+        except SteeringError as exc:
+            raise ApiError(str(exc), param="cache_salt", code="reserved_cache_salt") from None
         spec = parse_steering(
             data.pop("steering", None), state.limits, state.catalog.circuits, foreign=state.catalog.foreign
         )
