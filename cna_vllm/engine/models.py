@@ -113,7 +113,7 @@ class SteeredMixin:
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        self.steering.prepare(positions.shape[-1], patches.query_start_loc())
+        self.steering.prepare(positions.shape[-1])
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
 

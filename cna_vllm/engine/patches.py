@@ -6,7 +6,8 @@ Public APIs used elsewhere and not listed here: ``ModelRegistry.register_model``
 ``collective_rpc`` (hot-loading), ``scheduler_cls`` (row admission, :mod:`cna_vllm.engine.admission`,
 a subclass of vLLM's ``Scheduler``, whose interface vLLM calls not yet public). Pinned to vllm 0.32.0.
 
-The engine patches P1-P5 are below. The server touches vLLM internals in four more places,
+The engine patches P1-P5 are below (the general plugin installs P1 and P5 in every
+process). The server touches vLLM internals in four more places,
 listed here so that this file is the one inventory (issue #9):
 
 - S1 ``cna_vllm.server.app.run_server`` is a copy of vLLM's single-process ``run_server``
@@ -36,32 +37,57 @@ from torch import nn
 from cna_vllm.errors import SteeringError
 
 # --------------------------------------------------------------------------- P1
-# P1 query_start_loc from the forward context.
+# P1 binding the model runner's ``query_start_loc`` buffer to the steering state.
 #   why:  the activation must know which request each flattened token belongs to. The
-#         logits processor gives slot -> request; the token offsets per slot are only in
-#         the attention metadata of the current step.
-#   how:  read ``get_forward_context().attn_metadata`` (dict layer -> metadata) and take
-#         ``query_start_loc`` of any entry: all KV-cache groups share the token layout.
+#         logits processor gives slot -> request; the token offsets per slot are built by
+#         the model runner each step. Reading them from the attention metadata (as before)
+#         tied steering to backends that expose ``query_start_loc`` (FlashInfer's metadata
+#         has none, issue #9); the runner's own buffer exists for every backend.
+#   how:  wrap ``load_model`` of ``GPUModelRunner`` and of each runner class that overrides
+#         it (``CPUModelRunner``); after the stock load, the steered model's state (found by
+#         the vLLM instance id) keeps a view of ``runner.query_start_loc.gpu``, a persistent
+#         ``[max_num_reqs + 1]`` buffer the runner rewrites in place before every forward
+#         (``_prepare_inputs``; the tail repeats the total, so padding maps to no request).
+#         A runner that never binds makes the first forward (the start-up profile run) fail
+#         with a clear message. Micro-batching (DBO / ubatching) splits one step into two
+#         forwards over one buffer, so it is refused at start-up (P3).
+#   related upstream: vLLM has no public per-token request index for model code.
 #   when it can go: when vLLM passes per-request token offsets (or request ids) to the
 #         model forward or exposes them through a public model-state hook on V1.
 
+_RUNNER_CLASSES = ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "vllm.v1.worker.cpu_model_runner:CPUModelRunner")
 
-def query_start_loc() -> torch.Tensor | None:
-    """``query_start_loc`` of the current step, or None outside a real step (profiling)."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
 
-    if not is_forward_context_available():
-        return None
-    metadata = get_forward_context().attn_metadata
-    if not metadata:
-        return None
-    if isinstance(metadata, list):
-        raise SteeringError("cna-vllm steering does not support micro-batching (DBO / ubatching)")
-    for entry in metadata.values():
-        qsl = getattr(entry, "query_start_loc", None)
-        if qsl is not None:
-            return qsl
-    raise SteeringError("attention metadata carries no query_start_loc; this backend is unsupported")
+def _binding_load_model(stock: Any) -> Any:
+    import functools
+
+    @functools.wraps(stock)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = stock(self, *args, **kwargs)
+        from cna_vllm.engine.state import find_state
+
+        state = find_state(self.vllm_config.instance_id)
+        if state is not None:
+            state.bind_request_offsets(self.query_start_loc.gpu)
+        return out
+
+    load_model._cna_bound = True  # type: ignore[attr-defined]
+    return load_model
+
+
+def install_runner_binding() -> None:
+    """Wrap the V1 runners' ``load_model`` so a steered model sees the runner's token offsets (idempotent)."""
+    import importlib
+
+    for path in _RUNNER_CLASSES:
+        module, name = path.split(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ImportError:  # a vLLM build without this runner
+            continue
+        stock = cls.__dict__.get("load_model")
+        if stock is not None and not getattr(stock, "_cna_bound", False):
+            cls.load_model = _binding_load_model(stock)
 
 
 # --------------------------------------------------------------------------- P2
@@ -104,13 +130,15 @@ def set_activation(mlp: nn.Module, act: nn.Module) -> None:
 #         - FULL CUDA graphs replay the outer forward without running Python, so the
 #           per-token rows would go stale -> PIECEWISE or NONE only.
 #         - speculative decoding: vLLM rejects custom logits processors with it.
+#         - micro-batching (DBO / ubatching) runs one step as two forwards over one
+#           token-offset buffer (P1), so per-token rows would be wrong.
 #         - quantized checkpoints: ``maybe_fused_act_quant`` looks the activation up by
 #           type; wrapping loses the fused act+quant kernel, and other quant methods
 #           are untested -> refused.
 #         - the steering logits processor must be registered, or no request gets a row.
 #         - the scheduler must be a SteeringAdmission one, or a step could need more rows
 #           than the tables hold.
-#   how:  check ``use_v2_model_runner``, ``compilation_config.cudagraph_mode``,
+#   how:  check ``use_v2_model_runner``, ``compilation_config.cudagraph_mode``, ``use_ubatching``,
 #         ``speculative_config``, ``quant_config``, ``model_config.logits_processors``.
 #   when it can go: V2 -> when a ``get_model_state_cls`` implementation lands here;
 #         the rest when each is supported and tested.
@@ -132,6 +160,8 @@ def check_supported(vllm_config: Any) -> None:
             f"cudagraph_mode={mode.name} replays the whole forward without Python; use "
             "compilation_config={'cudagraph_mode': 'PIECEWISE'} (SteeredLLM does this)"
         )
+    if vllm_config.parallel_config.use_ubatching:
+        problems.append("micro-batching (--enable-dbo / ubatch_size > 1) is not supported with steering")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding is not supported with steering")
     if vllm_config.quant_config is not None:
@@ -192,13 +222,30 @@ def add_output_offset(mlp: nn.Module, offset: torch.Tensor, token_rows: torch.Te
 #         the sampling params, not the request's cache salt nor the engine's circuits.
 #   how:  wrap the method; after the stock processing, :func:`cna_vllm.engine.intake.check_request`
 #         validates the spec against the engine's catalogue, rewrites it to the canonical
-#         wire form and composes the cache salt, raising ``SteeringError`` (a ``ValueError``:
-#         vLLM answers 400) on bad input. Installed once per process by the general plugin.
+#         wire form and composes the cache salt. Bad input raises an error that is both a
+#         ``SteeringError`` and vLLM's ``VLLMValidationError``: ``AsyncLLM.generate`` lets only
+#         ``VLLMClientError`` through as a 400 and turns any other exception, ``ValueError``
+#         included, into an ``EngineGenerateError`` (HTTP 500, empty message).
+#         Installed once per process by the general plugin.
 #         Not covered: an ``EngineCoreRequest`` passed directly to ``AsyncLLM.generate``
 #         (deprecated in vLLM 0.32); the scheduler's row cap (engine/admission.py) still holds.
 #   related upstream: vLLM has no per-request input hook for plugins (only
 #         ``LogitsProcessor.validate_params``, which cannot see the request).
 #   when it can go: when vLLM offers a request-level validation/rewrite hook to plugins.
+
+
+_CLIENT_ERROR: list[type] = []
+
+
+def client_error(exc: SteeringError) -> SteeringError:
+    """``exc`` as a ``SteeringError`` that vLLM also treats as a client error (HTTP 400, param ``steering``)."""
+    from vllm.exceptions import VLLMValidationError
+
+    if not _CLIENT_ERROR:
+        _CLIENT_ERROR.append(type("SteeringRequestError", (SteeringError, VLLMValidationError), {}))
+    err = _CLIENT_ERROR[0].__new__(_CLIENT_ERROR[0], str(exc))
+    VLLMValidationError.__init__(err, str(exc), parameter="steering")
+    return err
 
 
 def install_input_check() -> None:
@@ -218,7 +265,10 @@ def install_input_check() -> None:
         from cna_vllm.engine.state import CONFIG_KEY
 
         if CONFIG_KEY in (self.vllm_config.additional_config or {}):
-            check_request(self.vllm_config, request)
+            try:
+                check_request(self.vllm_config, request)
+            except SteeringError as exc:
+                raise client_error(exc) from None
         return request
 
     process_inputs._cna_checked = True  # type: ignore[attr-defined]

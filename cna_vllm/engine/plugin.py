@@ -25,9 +25,10 @@ def register() -> None:
     """Register every steered class lazily (by ``module:Class``), once per process."""
     from vllm import ModelRegistry
 
-    from cna_vllm.engine.patches import install_input_check
+    from cna_vllm.engine.patches import install_input_check, install_runner_binding
 
     install_input_check()  # P5: steering validated and salted for every request, on every path
+    install_runner_binding()  # P1: per-token rows from the runner's offsets, whatever the backend
 
     supported = ModelRegistry.get_supported_archs()
     for name in STEERED.values():

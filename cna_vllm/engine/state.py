@@ -9,7 +9,9 @@ How a step flows (V1 model runner):
    refcounted) and records ``slot → row``. Row 0 is the identity and is never written.
 2. The steered model's outer ``forward`` (plain Python, outside the compiled graph)
    calls :meth:`SteeringState.prepare`, which expands ``slot → row`` into the per-token
-   row index with ``query_start_loc`` and writes it **in place** into ``token_rows``.
+   row index with the model runner's own ``query_start_loc`` buffer (bound once after
+   loading, patch P1; every attention backend shares it) and writes it **in place** into
+   ``token_rows``.
 3. Each :class:`~cna_vllm.engine.layers.SteeredActivation` reads ``token_rows`` and its
    layer's ``(scale, bias)`` table, and each offset MLP (:class:`~cna_vllm.engine.layers.MLPOutputOffset`)
    its ``offset`` table; all are persistent tensors, so torch.compile graphs see new
@@ -207,8 +209,9 @@ class SteeringState:
         }
         self.token_rows = torch.zeros(max_num_tokens, dtype=torch.int64, device=device)
         self.slot_rows = np.zeros(max_num_seqs, dtype=np.int64)
-        self._slot_rows_dev = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)
-        self._arange = torch.arange(max_num_tokens, dtype=torch.int64, device=device)
+        self._slot_rows_dev = torch.zeros(max_num_seqs + 1, dtype=torch.int64, device=device)  # last: identity
+        self._arange = torch.arange(max_num_tokens, dtype=torch.int32, device=device)
+        self._request_ends: torch.Tensor | None = None  # the runner's query_start_loc[1:], bound once
         self._rows_of: dict[str, int] = {}  # spec fingerprint -> row
         self._refs = np.zeros(capacity + 1, dtype=np.int64)
         self._spec_of_row: dict[int, str] = {}
@@ -379,23 +382,41 @@ class SteeringState:
                 self.slot_rows[b], self.slot_rows[a] = ra, 0
             self._token_rows_dirty = True
 
-    def prepare(self, num_tokens: int, query_start_loc: torch.Tensor | None) -> None:
+    def bind_request_offsets(self, query_start_loc: torch.Tensor) -> None:
+        """Use the model runner's persistent ``query_start_loc`` buffer (``[max_num_seqs + 1]``).
+
+        The runner rewrites it in place before every forward, for every attention backend:
+        entry ``i`` is where request ``i``'s tokens start, and entries past the last request
+        repeat the total, so padding tokens fall past every request.
+        """
+        size = self.slot_rows.size + 1
+        if query_start_loc.ndim != 1 or query_start_loc.numel() != size:
+            raise SteeringError(
+                f"the model runner's query_start_loc has shape {tuple(query_start_loc.shape)}, expected ({size},) "
+                "(max_num_seqs + 1)"
+            )
+        self._request_ends = query_start_loc[1:]
+        self._arange = self._arange.to(query_start_loc.dtype)  # searchsorted wants one dtype
+
+    def prepare(self, num_tokens: int) -> None:
         """Write this step's per-token rows in place (called outside the compiled graph)."""
+        if self._request_ends is None:
+            raise SteeringError(
+                "no model runner bound its query_start_loc to the steering state: this model runner is "
+                "not supported (cna-vllm supports vLLM's V1 GPU/CPU model runners)"
+            )
         if num_tokens > self.token_rows.numel():
             raise SteeringError(f"step has {num_tokens} tokens but the steering buffer holds {self.token_rows.numel()}")
-        if query_start_loc is None or not self.slot_rows.any():
+        if not self.slot_rows.any():
             if self._token_rows_dirty:  # nothing steered: all zeros (stays so until a change)
                 self.token_rows.zero_()
                 self._token_rows_dirty = False
             return
-        # token t belongs to request searchsorted(qsl[1:], t, right=True); padding maps to the
-        # extra identity entry at index num_reqs. No host sync, no data-dependent shape.
-        num_reqs = query_start_loc.numel() - 1
-        ends = query_start_loc[1:].to(device=self.device, dtype=torch.int64)
-        slot_rows = self._slot_rows_dev[: num_reqs + 1]
-        slot_rows.copy_(torch.from_numpy(np.append(self.slot_rows[:num_reqs], 0)), non_blocking=True)
-        req = torch.searchsorted(ends, self._arange[:num_tokens], right=True)
-        torch.index_select(slot_rows, 0, req, out=self.token_rows[:num_tokens])
+        # token t belongs to request searchsorted(ends, t, right=True); padding tokens map past
+        # the last slot, to the identity entry. Fixed shapes, no host sync, no metadata fields.
+        self._slot_rows_dev[:-1].copy_(torch.from_numpy(self.slot_rows))
+        req = torch.searchsorted(self._request_ends, self._arange[:num_tokens], right=True)
+        torch.index_select(self._slot_rows_dev, 0, req, out=self.token_rows[:num_tokens])
         self._token_rows_dirty = True
 
 
@@ -412,6 +433,11 @@ _STATES: dict[str, SteeringState] = {}
 
 def register_state(instance_id: str, state: SteeringState) -> None:
     _STATES[instance_id] = state
+
+
+def find_state(instance_id: str) -> SteeringState | None:
+    """The state of a steered model built in this process for ``instance_id``, if any."""
+    return _STATES.get(instance_id)
 
 
 def lookup_state(instance_id: str) -> SteeringState:

@@ -355,6 +355,15 @@ def test_async_engine_requests_join_mid_stream(tiny_root):
             with pytest.raises(SteeringError, match="no room"):  # built without a hot-load reserve
                 await engine.add_circuit(random_circuit("z", model_dir, 8, seed=15))
             assert "z" not in engine.circuits
+            # Straight into vLLM's AsyncLLM (no SteeredLLM front end): a client error (HTTP 400 in a
+            # server), not vLLM's EngineGenerateError (a 500 with an empty message), and no dead engine.
+            from vllm import SamplingParams
+            from vllm.exceptions import VLLMClientError
+
+            bad = SamplingParams(max_tokens=2, extra_args={"steering": [{"circuit": "nope", "multiplier": 2}]})
+            with pytest.raises(VLLMClientError, match="unknown circuit 'nope'"):
+                async for _ in engine.engine.generate(prompts[0], bad, "raw-bad"):
+                    pass
             results: dict[int, object] = {}
 
             async def one(i):

@@ -50,6 +50,21 @@ def make_state(capacity=3, tp_rank=0, tp_size=1, circuits=CIRCUITS, hot_load=0):
     )
 
 
+def runner_offsets(counts, max_num_seqs=8):
+    """``query_start_loc`` as vLLM's model runner fills its buffer: the tail repeats the total."""
+    qsl = torch.zeros(max_num_seqs + 1, dtype=torch.int32)
+    qsl[1 : len(counts) + 1] = torch.cumsum(torch.tensor(counts, dtype=torch.int32), 0)
+    qsl[len(counts) + 1 :] = int(sum(counts))
+    return qsl
+
+
+def bound(st, counts):
+    """Bind ``st`` to a runner-like offsets buffer holding ``counts`` tokens per request."""
+    qsl = runner_offsets(counts)
+    st.bind_request_offsets(qsl)
+    return qsl
+
+
 def params(spec=None):
     return SamplingParams(max_tokens=1, extra_args={"steering": SteeringSpec.parse(spec).to_list()} if spec else None)
 
@@ -124,19 +139,55 @@ def test_a_replacing_add_releases_before_it_acquires():
 def test_prepare_expands_slots_to_tokens():
     st = make_state()
     st.apply_batch_update(update(added=[(0, "a@0"), (1, None), (2, "b@2")]))
-    st.prepare(10, torch.tensor([0, 3, 4, 7]))
+    qsl = bound(st, [3, 1, 3])
+    st.prepare(10)  # 7 real tokens + 3 padding
     assert st.token_rows[:10].tolist() == [1, 1, 1, 0, 2, 2, 2, 0, 0, 0]
+    qsl.copy_(runner_offsets([1, 2, 1]))  # the runner rewrites its buffer in place each step
+    st.prepare(4)
+    assert st.token_rows[:4].tolist() == [1, 0, 0, 2]
     st.apply_batch_update(update(removed=[0, 2]))
-    st.prepare(2, torch.tensor([0, 1]))
+    qsl.copy_(runner_offsets([1, 1]))
+    st.prepare(2)
     assert not st.token_rows.any()
     with pytest.raises(SteeringError, match="buffer"):
-        st.prepare(1000, None)
+        st.prepare(1000)
+
+
+def test_prepare_needs_the_runner_offsets_of_the_right_size():
+    """Issue #9: no runner binding means an unsupported runner, refused at the first forward (start-up)."""
+    st = make_state()
+    with pytest.raises(SteeringError, match="model runner"):
+        st.prepare(1)
+    with pytest.raises(SteeringError, match="max_num_seqs"):
+        st.bind_request_offsets(torch.zeros(4, dtype=torch.int32))
+
+
+def test_prepare_reads_no_attention_metadata():
+    """Issue #9: FlashInfer's metadata has no ``query_start_loc``; the mapping must not need one.
+
+    The mapping comes from the runner's offsets only, so a forward context whose metadata is
+    FlashInfer's shape (or anything else) changes nothing.
+    """
+    from vllm.config import VllmConfig
+    from vllm.forward_context import set_forward_context
+
+    st = make_state()
+    st.apply_batch_update(update(added=[(0, None), (1, "a@0")]))
+    bound(st, [2, 3])
+
+    class NoOffsets:  # like FlashInferMetadata: no query_start_loc attribute
+        pass
+
+    with set_forward_context({"layers.0.attn": NoOffsets()}, VllmConfig()):
+        st.prepare(6)
+    assert st.token_rows[:6].tolist() == [0, 0, 1, 1, 1, 0]
 
 
 def test_activation_wrapper_applies_rows_per_token_and_row0_is_exact():
     st = make_state()
     st.apply_batch_update(update(added=[(0, "a@0"), (1, None), (2, "b@3")]))
-    st.prepare(3, torch.tensor([0, 1, 2, 3]))
+    bound(st, [1, 1, 1])
+    st.prepare(3)
     idx = st.columns[0].columns
     class Fresh(torch.nn.Module):  # like SiluAndMul: returns a new tensor
         def forward(self, x):
@@ -178,7 +229,8 @@ def test_offset_mlp_is_exact_for_row0_and_keeps_weight_names():
 
     st = make_state()
     st.apply_batch_update(update(added=[(0, "v@1:shift"), (1, None)]))
-    st.prepare(2, torch.tensor([0, 1, 2]))
+    bound(st, [1, 1])
+    st.prepare(2)
     mlp = torch.nn.Sequential(torch.nn.Linear(H, H))
     names = [n for n, _ in mlp.named_parameters()]
     x = torch.randn(2, H)
