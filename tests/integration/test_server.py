@@ -95,7 +95,7 @@ def servers(tmp_path_factory):
         VLLM_PLUGINS="",  # no cna-vllm plugin at all: a stock engine
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 600
         _wait_ready(steered, deadline)
         _wait_ready(stock, deadline)
         yield Servers(steered, stock, circuits)
