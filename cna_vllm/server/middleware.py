@@ -269,8 +269,8 @@ def _renaming(send: Send, base: str, name: str) -> Send:
     unescaped ``"model":"<base>"`` can only be a field, never text inside a JSON string. An answer
     in one body message gets its ``content-length`` fixed; a streamed one has none.
     """
-    old = b'"model":' + json.dumps(base).encode()
-    new = b'"model":' + json.dumps(name).encode()
+    old = b'"model":' + json.dumps(base, ensure_ascii=False).encode()
+    new = b'"model":' + json.dumps(name, ensure_ascii=False).encode()
     start: Message | None = None
     rewrite = True
 
