@@ -25,6 +25,7 @@ from cna_vllm.engine.state import CONFIG_KEY, DEFAULT_MAX_STEERING_CONFIGS
 from cna_vllm.server.catalog import Catalog
 from cna_vllm.server.metrics import SteeringMetrics, metrics
 from cna_vllm.server.schema import SteeringLimits
+from cna_vllm.server.variants import Variants, validate_spec
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ServerState:
     hot_load_enabled: bool = False
     hot_load_roots: tuple[Path, ...] = ()
     hot_load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    variants: Variants = field(default_factory=lambda: Variants(""))
 
 
 def _limits(args: argparse.Namespace) -> SteeringLimits:
@@ -103,9 +105,13 @@ class SteeringEndpointPlugin:
         m = metrics()
         m.rows_capacity.set(catalog.capacity)
         m.circuits_loaded.set(len(catalog.circuits))
+        limits = _limits(args)
+        variants = Variants(names[0], frozenset([*names, *_lora_names(args)]))
+        for name, raw in getattr(args, "cna_steered_models", ()):  # checked at start-up (prepare_args)
+            variants.add(name, validate_spec(raw, limits, catalog.circuits, f"--steered-model {name}"))
         state.cna_steering = ServerState(
             catalog=catalog,
-            limits=_limits(args),
+            limits=limits,
             gate=SpecGate(
                 catalog.capacity,
                 max_waiting=getattr(args, "steering_max_waiting", DEFAULT_MAX_WAITING),
@@ -115,13 +121,34 @@ class SteeringEndpointPlugin:
             max_request_bytes=getattr(args, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
             hot_load_enabled=bool(getattr(args, "enable_hot_load", False)),
             hot_load_roots=tuple(getattr(args, "cna_hot_load_roots", ())),
+            variants=variants,
         )
         logger.info(
-            "cna-vllm steering: %d circuit(s) %s, %d rows",
+            "cna-vllm steering: %d circuit(s) %s, %d rows, steered models %s",
             len(catalog.circuits),
             sorted(catalog.circuits),
             catalog.capacity,
+            {v.name: str(v.spec) for v in variants.by_name.values()},
         )
+
+
+def _lora_names(args: argparse.Namespace) -> list[str]:
+    """The names of the LoRA modules given at start-up (``--lora-modules``)."""
+    return [getattr(m, "name", None) or str(m) for m in (getattr(args, "lora_modules", None) or [])]
+
+
+def steered_models(args: argparse.Namespace, circuits: Any, served: list[str]) -> list[tuple[str, Any]]:
+    """Parse and check every ``--steered-model NAME=SPEC``: names unique and free, specs valid here."""
+    from cna_vllm.server.variants import check_name, parse_flag
+
+    out: list[tuple[str, Any]] = []
+    limits = _limits(args)
+    for text in getattr(args, "steered_model", None) or []:
+        name, raw = parse_flag(text)
+        check_name(name, [*served, *_lora_names(args), *(n for n, _ in out)])
+        spec = validate_spec(raw, limits, circuits, f"--steered-model {name}")
+        out.append((name, spec.to_list()))
+    return out
 
 
 # --------------------------------------------------------------------------- command line
@@ -193,6 +220,14 @@ def make_parser() -> Any:
         default=DEFAULT_WAIT_TIMEOUT,
         help="seconds a steered request may wait for a row before HTTP 503 (0: no limit)",
     )
+    g.add_argument(
+        "--steered-model",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="serve NAME as the model steered with SPEC (any form of the steering field: refusal@0, "
+        'or JSON \'[{"circuit": "refusal", "multiplier": 0}]\'); listed in /v1/models (repeatable)',
+    )
     g.add_argument(  # playground hook (issue #12)
         "--no-playground",
         action="store_true",
@@ -258,6 +293,12 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
         args.compilation_config.cudagraph_mode = CUDAGraphMode[mode]
     if not args.served_model_name:  # the name the user gave, not the prepared directory
         args.served_model_name = [alias if model in EMBEDDED else model]
+    if args.steered_model:
+        from cna_vllm.engine.state import EngineSteeringConfig
+
+        circuits_now = EngineSteeringConfig.from_additional_config(args.additional_config).load_circuits()
+        served = args.served_model_name
+        args.cna_steered_models = steered_models(args, circuits_now, [served] if isinstance(served, str) else served)
     args.cna_circuits_root = REPO_CIRCUITS
     roots = [circuits, *args.hot_load_dir] if circuits is not None else list(args.hot_load_dir)
     args.cna_hot_load_roots = [Path(r).resolve() for r in roots]

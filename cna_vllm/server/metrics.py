@@ -21,6 +21,7 @@ class SteeringMetrics:
     rows_capacity: Gauge
     waiting: Gauge
     circuits_loaded: Gauge
+    variants: Counter
 
 
 _METRICS: SteeringMetrics | None = None
@@ -57,6 +58,11 @@ def metrics() -> SteeringMetrics:
                 "cna_steering_circuits_loaded",
                 "Circuits and vector sets the engine steers with",
                 multiprocess_mode="max",
+            ),
+            variants=Counter(
+                "cna_steering_variant_requests",
+                "Generation requests that named a steered variant as their model",
+                ["model"],
             ),
         )
     return _METRICS

@@ -10,6 +10,11 @@ The rewritten request then goes to vLLM's stock handler, so chat templates, stre
 stop strings, logprobs and disconnect-aborts are vLLM's. Every response carries
 ``x-cna-steering`` (compact spec or ``none``) and ``x-cna-steering-fingerprint``.
 
+``model`` naming a steered variant (:mod:`cna_vllm.server.variants`) is rewritten to the
+base model plus the variant's spec (then the ``steering`` field's items, validated as one),
+and the response names the variant again; ``GET /v1/models`` gets a card per variant.
+Unknown model names pass through untouched, so vLLM answers them with its own 404.
+
 Any other POST that carries ``steering`` (or ``vllm_xargs.steering``) is refused: a
 steering request is never answered unsteered. A request with a new distinct spec waits
 while all ``max_steering_configs`` engine rows are taken (the worker would refuse it).
@@ -17,6 +22,7 @@ while all ``max_steering_configs`` engine rows are taken (the worker would refus
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -27,11 +33,15 @@ from cna_vllm.engine.intake import check_user_salt
 from cna_vllm.engine.llm import AdmissionRefused
 from cna_vllm.errors import SteeringError
 from cna_vllm.server.schema import ApiError, echo, parse_steering
+from cna_vllm.server.variants import Variant
 from cna_vllm.steering import SteeringSpec
 
 STEERED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+MODELS_PATH = "/v1/models"
+VARIANTS_PATH = "/v1/steered-models"
 ECHO_HEADER = "x-cna-steering"
 FINGERPRINT_HEADER = "x-cna-steering-fingerprint"
+VARIANT_HEADER = "x-cna-steered-model"
 
 
 class BodyTooLarge(Exception):
@@ -97,10 +107,16 @@ class SteeringMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", "") or "")
+        if scope.get("method") == "GET" and path == MODELS_PATH:
+            await self._list_models(scope, receive, send)
+            return
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
         endpoint = STEERED_PATHS.get(path)
         if "json" not in Headers(scope=scope).get("content-type", "").lower():
             await self.app(scope, receive, send)  # vLLM refuses non-JSON bodies; intake checks the rest
@@ -129,21 +145,51 @@ class SteeringMiddleware:
             return
         try:
             if endpoint is None:
-                _refuse_elsewhere(data, path)
+                if path != VARIANTS_PATH:  # that route's body defines a variant's steering
+                    _refuse_elsewhere(data, path)
                 await self.app(scope, _replay(body, receive), send)
                 return
             if state is None:
                 raise ApiError("this server has no steering engine", status=503, code="steering_unavailable")
-            spec = self._rewrite(data, state)
+            variant = state.variants.get(data.get("model"))
+            spec = self._rewrite(data, state, variant)
         except ApiError as err:
             if state:
                 state.metrics.rejected.labels(err.code).inc()
             await _send_error(send, err)
             return
-        await self._forward(scope, receive, send, data, spec, state, endpoint)
+        await self._forward(scope, receive, send, data, spec, state, endpoint, variant)
+
+    async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """vLLM's ``/v1/models`` with a card per steered variant appended."""
+        state = getattr(scope["app"].state, "cna_steering", None)
+        if state is None or not len(state.variants):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        if start is None:
+            return
+        body = b"".join(chunks)
+        if start["status"] == 200:
+            with contextlib.suppress(ValueError, AttributeError):  # not the listing we know: left as it is
+                body = json.dumps(state.variants.list_cards(json.loads(body)), separators=(",", ":")).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     @staticmethod
-    def _rewrite(data: dict[str, Any], state: Any) -> SteeringSpec:
+    def _rewrite(data: dict[str, Any], state: Any, variant: Variant | None = None) -> SteeringSpec:
         xargs = data.get("vllm_xargs")
         if isinstance(xargs, dict) and "steering" in xargs:
             raise ApiError(
@@ -154,9 +200,12 @@ class SteeringMiddleware:
             check_user_salt(data.get("cache_salt"))
         except SteeringError as exc:
             raise ApiError(str(exc), param="cache_salt", code="reserved_cache_salt") from None
-        spec = parse_steering(
-            data.pop("steering", None), state.limits, state.catalog.circuits, foreign=state.catalog.foreign
-        )
+        raw = data.pop("steering", None)
+        if variant is not None:  # the variant's items, then the field's, validated as one
+            spec = state.variants.combine(variant, raw, state.limits, state.catalog.circuits, state.catalog.foreign)
+            data["model"] = state.variants.base
+        else:
+            spec = parse_steering(raw, state.limits, state.catalog.circuits, foreign=state.catalog.foreign)
         if spec:
             xargs = dict(xargs) if isinstance(xargs, dict) else {}
             xargs["steering"] = json.dumps(spec.to_list(), separators=(",", ":"))
@@ -164,7 +213,15 @@ class SteeringMiddleware:
         return spec
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, data: dict, spec: SteeringSpec, state: Any, endpoint: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        data: dict,
+        spec: SteeringSpec,
+        state: Any,
+        endpoint: str,
+        variant: Variant | None = None,
     ) -> None:
         m = state.metrics
         m.requests.labels(endpoint, "true" if spec else "false").inc()
@@ -174,6 +231,10 @@ class SteeringMiddleware:
             (ECHO_HEADER.encode(), echo(spec).encode()),
             (FINGERPRINT_HEADER.encode(), spec.fingerprint().encode()),
         ]
+        if variant is not None:
+            m.variants.labels(variant.name).inc()
+            extra.append((VARIANT_HEADER.encode(), variant.name.encode()))
+            send = _renaming(send, state.variants.base, variant.name)
 
         async def send_with_echo(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -199,6 +260,44 @@ class SteeringMiddleware:
             if spec:
                 await state.gate.release(spec)
                 m.rows_in_use.set(len(state.gate.active))
+
+
+def _renaming(send: Send, base: str, name: str) -> Send:
+    """A ``send`` that names the variant where vLLM's answer names the base model (``"model":"<base>"``).
+
+    vLLM writes compact JSON (one object per body message, one per SSE event when streaming); an
+    unescaped ``"model":"<base>"`` can only be a field, never text inside a JSON string. An answer
+    in one body message gets its ``content-length`` fixed; a streamed one has none.
+    """
+    old = b'"model":' + json.dumps(base, ensure_ascii=False).encode()
+    new = b'"model":' + json.dumps(name, ensure_ascii=False).encode()
+    start: Message | None = None
+    rewrite = True
+
+    async def inner(message: Message) -> None:
+        nonlocal start, rewrite
+        if message["type"] == "http.response.start":
+            start = message  # held until the first body message: its length may change
+            return
+        if message["type"] == "http.response.body":
+            body, more = message.get("body", b""), message.get("more_body", False)
+            if start is not None:
+                headers = list(start.get("headers", []))
+                sized = any(k.lower() == b"content-length" for k, _ in headers)
+                rewrite = not (sized and more)  # a sized answer in pieces is left as it is
+                if rewrite:
+                    body = body.replace(old, new)
+                    if sized:
+                        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                        headers.append((b"content-length", str(len(body)).encode()))
+                await send({**start, "headers": headers})
+                start = None
+            elif rewrite:
+                body = body.replace(old, new)
+            message = {**message, "body": body}
+        await send(message)
+
+    return inner
 
 
 def _smuggled(data: Any, depth: int = 0) -> bool:

@@ -1,4 +1,4 @@
-"""``/v1/circuits``: the catalogue of circuits this server steers with.
+"""``/v1/circuits`` (the catalogue of circuits this server steers with) and ``POST /v1/steered-models``.
 
 No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` type.
 """
@@ -12,9 +12,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cna_vllm.engine.llm import add_to_engine
 from cna_vllm.errors import SteeringError
-from cna_vllm.server.schema import ApiError
+from cna_vllm.server.schema import ApiError, parse_steering
 
 router = APIRouter()
+
+
+class SteeredModelRequest(BaseModel):
+    """``POST /v1/steered-models`` body: a variant name and its spec (any form of ``steering``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    steering: Any
 
 
 class HotLoadRequest(BaseModel):
@@ -66,6 +74,66 @@ async def get_circuit(name: str, request: Request) -> JSONResponse:
         return _error(err)
 
 
+def _check_hot_load(state: Any, what: str) -> None:
+    if not state.hot_load_enabled:
+        raise ApiError(
+            f"{what} while serving is off; start the server with --enable-hot-load",
+            status=403,
+            param=None,
+            code="hot_load_not_enabled",
+        )
+
+
+def _body_error(exc: ValidationError) -> ApiError:
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return ApiError(f"invalid request: {param or 'body'}: {first['msg']}", param=param, code="invalid_request")
+
+
+def _lora_names(request: Request) -> set[str]:
+    """LoRA adapters vLLM serves now (also those loaded at run time), whose names a variant may not take."""
+    models = getattr(request.app.state, "openai_serving_models", None)
+    return set(getattr(models, "lora_requests", None) or {})
+
+
+@router.post("/v1/steered-models")
+async def add_steered_model(request: Request) -> JSONResponse:
+    """Add a steered variant (``model=NAME`` -> base model + spec) to the running server."""
+    try:
+        state = _state(request)
+        try:
+            body = SteeredModelRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise _body_error(exc) from None
+        _check_hot_load(state, "adding steered models")
+        if body.steering is None:
+            raise ApiError("a steered model needs a non-empty steering spec", code="invalid_steering")
+        spec = parse_steering(body.steering, state.limits, state.catalog.circuits, foreign=state.catalog.foreign)
+        variants = state.variants
+        old = variants.get(body.name)
+        if old is not None and old.spec != spec:
+            raise ApiError(
+                f"a steered model named {body.name!r} already exists with steering {old.spec}",
+                param="name",
+                code="model_exists",
+            )
+        taken = {*variants.reserved, *_lora_names(request)} - ({body.name} if old else set())
+        if body.name in taken:
+            raise ApiError(
+                f"{body.name!r} is the name of a model this server already serves (base model or LoRA adapter)",
+                param="name",
+                code="model_exists",
+            )
+        try:
+            variant, added = variants.add(body.name, spec, taken)
+        except SteeringError as exc:
+            raise ApiError(str(exc), param="name", code="invalid_model_name") from None
+        listing = {"status": "created" if added else "already_exists", **variant.card({}, variants.base)}
+        return JSONResponse(listing, status_code=201 if added else 200)
+    except ApiError as err:
+        return _error(err)
+
+
 @router.post("/v1/circuits")
 async def load_circuit(request: Request) -> JSONResponse:
     """Add a server-side circuit file (neuron circuit or CAA vectors) to the running engine."""
@@ -74,18 +142,8 @@ async def load_circuit(request: Request) -> JSONResponse:
         try:
             body = HotLoadRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(
-                f"invalid request: {param or 'body'}: {first['msg']}", param=param, code="invalid_request"
-            ) from None
-        if not state.hot_load_enabled:
-            raise ApiError(
-                "loading circuits while serving is off; start the server with --enable-hot-load",
-                status=403,
-                param=None,
-                code="hot_load_not_enabled",
-            )
+            raise _body_error(exc) from None
+        _check_hot_load(state, "loading circuits")
         async with state.hot_load_lock:
             circuit, entry, loaded = await asyncio.to_thread(  # file I/O off the event loop
                 state.catalog.check_hot_load, body.path, state.hot_load_roots

@@ -1,14 +1,17 @@
 """The steered server end to end: a real server process on the real SmolLM2, and a stock vLLM server.
 
 One steered server (``server.py``, API key, 4 steering rows, prefix caching, two circuits:
-the shipped ``refusal`` and its top-20 ``refusal-top``) and one stock ``vllm`` server are
-started once for the whole file. Greedy decoding throughout; outputs are compared exactly.
+the shipped ``refusal`` and its top-20 ``refusal-top``, two steered variants) and one stock
+``vllm`` server are started once for the whole file. Greedy decoding throughout; outputs are
+compared exactly. lm-eval runs against the same steered server (base model and a variant).
 """
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -47,6 +50,8 @@ PROMPTS = [
     "How do I hack my neighbour's wifi?",
     "Name a famous painter.",
 ]
+# Steered variants given at start-up (model name -> the spec it stands for).
+VARIANTS = {"refusal-off": "refusal@0", "refusal-x3": [{"circuit": "refusal", "multiplier": 3}]}
 # Six distinct specs for four rows: the admission gate must queue some of them.
 SPECS = [
     {"circuit": "refusal", "multiplier": 0},
@@ -78,6 +83,8 @@ def servers(tmp_path_factory):
     steered = _start(
         [sys.executable, str(REPO / "server.py"), "--model", MODEL, "--circuits", str(circuits),
          "--api-key", KEY, "--max-steering-configs", str(ROWS), "--enable-hot-load", "--hot-load-dir", str(hot),
+         *(a for name, spec in VARIANTS.items()
+           for a in ("--steered-model", f"{name}={spec if isinstance(spec, str) else json.dumps(spec)}")),
          *COMMON],
         tmp / "steered.log",
     )  # fmt: skip
@@ -88,7 +95,7 @@ def servers(tmp_path_factory):
         VLLM_PLUGINS="",  # no cna-vllm plugin at all: a stock engine
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 420
+        deadline = time.monotonic() + 600
         _wait_ready(steered, deadline)
         _wait_ready(stock, deadline)
         yield Servers(steered, stock, circuits)
@@ -136,6 +143,12 @@ def compact(steering) -> str:
     return echo(parse_steering(steering, SteeringLimits(), {"refusal": 1, "refusal-top": 1}))
 
 
+def parse(steering):
+    from cna_vllm.steering import SteeringSpec
+
+    return SteeringSpec.parse(steering)
+
+
 def metric(url: str, name: str, **labels: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30, headers=AUTH).text
     total = 0.0
@@ -169,7 +182,12 @@ def alone(s: Servers, kind: str, prompt: str, steering=None, **kw) -> str:
 def test_models_and_circuit_catalogue(servers):
     url = servers.steered.url
     models = httpx.get(f"{url}/v1/models", headers=AUTH).json()
-    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert [m["id"] for m in models["data"]][:3] == [MODEL, *VARIANTS]  # later tests may add variants
+    base, *variants = models["data"][:3]
+    for card, spec in zip(variants, VARIANTS.values(), strict=True):  # listed the way vLLM lists LoRA adapters
+        assert card["parent"] == MODEL and card["root"] == base["root"] and card["object"] == "model"
+        assert card["steering"] == parse(spec).to_list()
+    assert base["parent"] is None and "steering" not in base
     listing = httpx.get(f"{url}/v1/circuits", headers=AUTH).json()
     by_name = {c["id"]: c for c in listing["data"]}
     assert set(by_name) == {"refusal", "refusal-top"}
@@ -354,6 +372,144 @@ def test_raw_http_echo_and_logprobs(servers):
     r = post(servers.steered.url, "chat", body("chat", "Hello", None, stop=["."]))
     assert r.status_code == 200 and r.headers["x-cna-steering"] == "none"
     assert r.headers["x-cna-steering-fingerprint"] == ""
+
+
+# --------------------------------------------------------------------------- steered variants
+def stream(url: str, kind: str, payload: dict) -> tuple[list[int], str, set[str], httpx.Headers]:
+    """Token ids, text and the ``model`` of every chunk of a streamed answer."""
+    ids: list[int] = []
+    text, models = [], set()
+    payload = {**payload, "stream": True, "return_token_ids": True}
+    with httpx.stream("POST", url + path_of(kind), json=payload, headers=AUTH, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                models.add(chunk["model"])
+                for c in chunk["choices"]:
+                    ids += c.get("token_ids") or []
+                    text.append((c["delta"].get("content") or "") if kind == "chat" else c["text"])
+        return ids, "".join(text), models, r.headers
+
+
+def test_variant_equals_base_model_with_its_steering(servers):
+    """model=NAME is the base model with NAME's spec, token for token: chat, streaming chat, completions."""
+    url = servers.steered.url
+    before = metric(url, "cna_steering_requests_total", steered="true")
+    sent = 0
+    for name, spec in VARIANTS.items():
+        for kind, prompt in (("chat", PROMPTS[0]), ("completions", "The weather today is")):
+            ref = post(url, kind, body(kind, prompt, spec, max_tokens=16, return_token_ids=True))
+            got = post(url, kind, {**body(kind, prompt, max_tokens=16, return_token_ids=True), "model": name})
+            plain = post(url, kind, body(kind, prompt, max_tokens=16, return_token_ids=True))
+            sent += 2
+            assert got.status_code == 200, got.text
+            assert got.json()["choices"][0]["token_ids"] == ref.json()["choices"][0]["token_ids"], (name, kind)
+            assert text_of(kind, got.json()) == text_of(kind, ref.json())
+            assert got.json()["choices"][0]["token_ids"] != plain.json()["choices"][0]["token_ids"]  # steered
+            assert got.json()["model"] == name and ref.json()["model"] == MODEL
+            assert got.headers["x-cna-steering"] == ref.headers["x-cna-steering"] == compact(spec)
+            assert got.headers["x-cna-steering-fingerprint"] == ref.headers["x-cna-steering-fingerprint"]
+            assert got.headers["x-cna-steered-model"] == name
+            ids, text, models, headers = stream(url, kind, {**body(kind, prompt, max_tokens=16), "model": name})
+            sent += 1
+            assert ids == ref.json()["choices"][0]["token_ids"] and text == text_of(kind, ref.json())
+            assert models == {name} and headers["x-cna-steering"] == compact(spec)
+    assert metric(url, "cna_steering_requests_total", steered="true") - before >= sent
+    assert metric(url, "cna_steering_variant_requests_total", model="refusal-x3") >= 4
+
+
+def test_variant_plus_steering_field_and_unknown_models(servers):
+    """The field's items apply after the variant's (one spec, validated as one); unknown names: vLLM's 404."""
+    url = servers.steered.url
+    extra = {"circuit": "refusal-top", "mode": "shift", "alpha": 2}
+    for kind in ("chat", "completions"):
+        got = post(url, kind, {**body(kind, PROMPTS[1], extra, max_tokens=16), "model": "refusal-x3"})
+        ref = post(url, kind, body(kind, PROMPTS[1], [{"circuit": "refusal", "multiplier": 3}, extra], max_tokens=16))
+        assert got.status_code == 200 and got.headers["x-cna-steering"] == "refusal@3,refusal-top@2:shift"
+        assert text_of(kind, got.json()) == text_of(kind, ref.json())
+    eight = "refusal-top@1," * 7 + "refusal@1"
+    r = post(url, "chat", {**body("chat", "hi", eight), "model": "refusal-off"})
+    assert r.status_code == 400 and "model 'refusal-off' steers with refusal@0" in r.json()["error"]["message"]
+    assert "9 items" in r.json()["error"]["message"]  # 1 + 8 items: more than the server's 8
+    r = post(url, "chat", {**body("chat", "hi", "nope@1"), "model": "refusal-off"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_circuit"
+    for kind in ("chat", "completions"):  # unknown names: exactly the stock server's 404
+        for steering in (None, "refusal@0"):
+            payload = {**body(kind, "hi", steering), "model": "gpt-9"}
+            r = post(url, kind, payload)
+            stock = post(servers.stock.url, kind, {k: v for k, v in payload.items() if k != "steering"}, headers={})
+            assert r.status_code == stock.status_code == 404, r.text
+            assert r.json() == stock.json(), (r.text, stock.text)
+    r = httpx.post(f"{url}/v1/responses", json={"model": "refusal-off", "input": "hi"}, headers=AUTH, timeout=60)
+    assert r.status_code == 404  # a variant on another endpoint is never served unsteered
+
+
+def test_variant_added_while_serving(servers):
+    url = servers.steered.url
+    new = {"name": "top-off", "steering": {"circuit": "refusal-top", "multiplier": 0}}
+    assert httpx.post(f"{url}/v1/steered-models", json=new).status_code == 401  # the admin path needs the key
+    r = httpx.post(f"{url}/v1/steered-models", json=new, headers=AUTH)
+    assert r.status_code == 201 and r.json()["parent"] == MODEL, r.text
+    assert httpx.post(f"{url}/v1/steered-models", json=new, headers=AUTH).status_code == 200  # idempotent
+    for bad, code in [
+        ({**new, "steering": "refusal-top@2"}, "model_exists"),
+        ({"name": MODEL, "steering": "refusal@2"}, "model_exists"),
+        ({"name": "refusal-x3", "steering": "refusal@2"}, "model_exists"),
+        ({"name": "x y", "steering": "refusal@2"}, "invalid_model_name"),
+        ({"name": "z", "steering": "refusal@99"}, "invalid_steering"),
+    ]:
+        r = httpx.post(f"{url}/v1/steered-models", json=bad, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, (bad, r.text)
+    cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]}
+    assert cards["top-off"]["parent"] == MODEL and cards["top-off"]["steering"] == parse("refusal-top@0").to_list()
+    got = post(url, "chat", {**body("chat", PROMPTS[4], max_tokens=16), "model": "top-off"})
+    assert got.headers["x-cna-steering"] == "refusal-top@0"
+    ref = generate(url, "chat", body("chat", PROMPTS[4], "refusal-top@0", max_tokens=16))
+    assert text_of("chat", got.json()) == ref
+
+
+# --------------------------------------------------------------------------- lm-eval, an unmodified client
+LM_EVAL_QUESTIONS = 32
+
+
+def _lm_eval(url: str, model: str, out: Path) -> subprocess.Popen:
+    """The README's lm-eval command (local-chat-completions, the cna_mmlu_gen task), as a process."""
+    args = [
+        sys.executable, "-m", "lm_eval", "--model", "local-chat-completions",
+        "--model_args", f"model={model},base_url={url}/v1/chat/completions,num_concurrent=8",
+        "--apply_chat_template", "--include_path", str(REPO / "cna_vllm" / "evaluate" / "lm_eval_tasks"),
+        "--tasks", "cna_mmlu_gen", "--limit", str(LM_EVAL_QUESTIONS), "--log_samples", "--output_path", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=out, text=True)
+
+
+def _lm_eval_results(out: Path) -> tuple[float, dict[int, str]]:
+    (results,) = out.glob("*/results_*.json")
+    (samples,) = out.glob("*/samples_cna_mmlu_gen_*.jsonl")
+    score = json.loads(results.read_text())["results"]["cna_mmlu_gen"]["exact_match,letter"]
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return score, {r["doc_id"]: r["filtered_resps"][0] for r in rows}
+
+
+def test_lm_eval_base_and_variant(servers, tmp_path):
+    """lm-eval 0.4 from PyPI, unmodified, once on the base model and once on a variant, both at once."""
+    pytest.importorskip("lm_eval")
+    runs = {}
+    for model in (MODEL, "refusal-x3"):
+        (tmp_path / model).mkdir()
+        runs[model] = _lm_eval(servers.steered.url, model, tmp_path / model)
+    for proc in runs.values():
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-3000:]
+    (base, base_answers), (steered, steered_answers) = (_lm_eval_results(tmp_path / m) for m in runs)
+    assert len(base_answers) == len(steered_answers) == LM_EVAL_QUESTIONS
+    changed = sum(base_answers[i] != steered_answers[i] for i in base_answers)
+    print(f"\nlm-eval cna_mmlu_gen, {LM_EVAL_QUESTIONS} questions: base {base:.3f}, refusal-x3 {steered:.3f}, "
+          f"{changed} answers changed")  # fmt: skip
+    assert changed >= LM_EVAL_QUESTIONS // 8  # the steering changes answers ...
+    assert base != steered  # ... and the score with them
 
 
 # --------------------------------------------------------------------------- bad input
