@@ -18,6 +18,7 @@ while all ``max_steering_configs`` engine rows are taken (the worker would refus
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -183,8 +184,10 @@ class SteeringMiddleware:
         body = json.dumps(data).encode()
         if spec:
             m.waiting.inc()
+            start = time.perf_counter()
             try:
                 await state.gate.acquire(spec)
+                m.row_wait.observe(time.perf_counter() - start)
             except AdmissionRefused as exc:
                 m.rejected.labels(exc.code).inc()
                 err = ApiError(str(exc), status=exc.status, param=None, code=exc.code)
