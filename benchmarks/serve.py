@@ -435,7 +435,8 @@ def median_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[key] = statistics.median(values)
         else:
             out[key] = value
-    out["runs"] = {k: [r[k] for r in runs] for k in ("output_throughput", "ttft_p50_ms", "loadavg_before")}
+    keys = ("output_throughput", "ttft_p50_ms", "server_cpu_ms_per_output_token", "loadavg_before")
+    out["runs"] = {k: [r[k] for r in runs] for k in keys}
     return out
 
 
@@ -477,7 +478,9 @@ def main() -> None:
             arms = ["stock"] if kind == "stock" else list(PLUGIN_ARMS)
             log = logs / f"{kind}-{rep}.log"
             with Server(kind, server_argv(kind, model_dir, alias, args), log) as srv:
-                bench(srv.url, srv.proc.pid, model_dir, alias, args, arms[0], float("inf"), 16)  # warm-up, not recorded
+                bench(
+                    srv.url, srv.proc.pid, model_dir, alias, args, arms[0], float("inf"), args.num_prompts
+                )  # warm-up, not recorded
                 for arm in arms:
                     r = bench(srv.url, srv.proc.pid, model_dir, alias, args, arm, float("inf"), args.num_prompts)
                     runs["unbounded"].setdefault(arm, []).append(r)
