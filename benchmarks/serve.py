@@ -19,7 +19,9 @@ wait (vLLM's ``vllm:request_queue_time_seconds``, i.e. time in the scheduler's w
 queue, where steered requests wait for a row, and the server's
 ``cna_steering_row_wait_seconds``, the admission gate's wait), both as the mean over the
 arm's requests from ``/metrics``, and the load average before and after (the machine may be
-shared). With ``--reps N`` the stock/plugin pair runs N times, alternately; each figure is
+shared), and the CPU seconds of the server's processes per output token (less sensitive to
+other jobs than wall-clock figures). After each server start a full-size unbounded pass warms
+it up, unrecorded. With ``--reps N`` the stock/plugin pair runs N times, alternately; each figure is
 the median over repetitions. Also times the steering middleware in-process on 32k-character
 request bodies. Writes ``--out`` (JSON), a PNG beside it and prints a table. Not a test:
 nothing is asserted.
