@@ -1,5 +1,10 @@
 """Throughput overhead of steering: stock vLLM vs the plugin (unsteered / 8 specs / 50-50 mix) vs HF hooks.
 
+The distinct-config axis (``--configs``, default 1 2 8 32 64) adds the arms
+``plugin_specs{N}``: every request steered, request i by spec i mod N (8 circuits at up to 8
+multipliers each, so up to 64 distinct rows); ``plugin_steered8`` is the N = 8 point.
+With ``--prompts`` below N only that many distinct specs are in flight.
+
 ``--hot-load N`` adds a third engine as ``cna-vllm serve`` builds it (N spare neurons per
 layer and an offset table on every layer) with one CAA vector set, and the arms
 ``hotload_unsteered`` and ``hotload_caa`` (every request steered by the vectors).
@@ -52,6 +57,34 @@ def make_circuits(model_dir: Path, k: int, count: int = 8) -> dict:
     return out
 
 
+def plot_configs(result: dict, configs: list[int], out: Path) -> None:
+    """Tokens/s against the number of distinct specs, one line per prompt count, stock as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, by in sorted(result["by_prompts"].items(), key=lambda kv: int(kv[0])):
+        arms = by["arms"]
+        ys = [arms["plugin_steered8" if c == 8 else f"plugin_specs{c}"] for c in configs]
+        line = ax.plot(configs, ys, "o-", label=f"{n} prompts: cna-vllm, distinct specs")[0]
+        ax.axhline(arms["stock"], color=line.get_color(), ls="--", lw=1, label=f"{n} prompts: stock vLLM")
+        ax.plot([0.7], [arms["plugin_unsteered"]], "s", color=line.get_color(), label=f"{n} prompts: unsteered")
+    ax.set(
+        xscale="log",
+        xlabel="distinct steering specs in the batch",
+        ylabel="generated tokens/s",
+        title=f"offline throughput ({result['setup']['dtype']})",
+    )
+    ax.set_xticks(configs, [str(c) for c in configs])
+    ax.set_ylim(0, None)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def timed(fn) -> tuple[float, int]:
     t = time.perf_counter()
     n = fn()
@@ -68,6 +101,7 @@ def main() -> None:
     ap.add_argument("--circuit-size", type=int, default=0, help="neurons per circuit (default 0.1%% of all)")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers arm")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--configs", type=int, nargs="+", default=[1, 2, 8, 32, 64], help="distinct-spec axis")
     ap.add_argument("--hot-load", type=int, default=0, help="also time an engine with this hot-load reserve")
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
@@ -96,6 +130,9 @@ def main() -> None:
         hot = SteeredLLM(model_dir, {**circuits, "v": caa}, hot_load_neurons=args.hot_load, **common)
     sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     specs8 = [f"c{i % 8}@0" for i in range(max(args.prompts))]
+
+    def distinct(n: int) -> list[str]:  # spec j: circuit c(j mod 8) at multiplier 0.1·(j div 8)
+        return [f"c{(i % n) % 8}@{0.1 * ((i % n) // 8):g}" for i in range(max(args.prompts))]
 
     def vllm_arm(llm, steering=None):
         def run(prompts):
@@ -146,6 +183,9 @@ def main() -> None:
         "plugin_steered8": vllm_arm(steered, steering=specs8),
         "plugin_mixed": vllm_arm(steered, steering=[s if i % 2 else None for i, s in enumerate(specs8)]),
     }
+    for n in args.configs:
+        if n != 8:
+            arms[f"plugin_specs{n}"] = vllm_arm(steered, steering=distinct(n))
     if hot is not None:
         arms["hotload_unsteered"] = vllm_arm(hot, steering=[None] * max(args.prompts))
         arms["hotload_caa"] = vllm_arm(hot, steering=["v@1:shift"] * max(args.prompts))
@@ -155,10 +195,12 @@ def main() -> None:
         arms[name](make_prompts(4))
 
     detail: dict[int, dict[str, list[float]]] = {}
+    loads: list[dict] = []  # the machine may be shared: load average at the start of each repetition
     for n in args.prompts:
         prompts = make_prompts(n)
         detail[n] = {name: [] for name in arms}
         for rep in range(args.reps):
+            loads.append({"prompts": n, "rep": rep, "loadavg": os.getloadavg()})
             for name, fn in arms.items():
                 secs, toks = timed(lambda fn=fn, prompts=prompts: fn(prompts))
                 detail[n][name].append(toks / secs)
@@ -173,6 +215,9 @@ def main() -> None:
             "steered8_vs_stock": med(n, "plugin_steered8") / med(n, "stock"),
             "mixed_vs_stock": med(n, "plugin_mixed") / med(n, "stock"),
         }
+        for c in args.configs:
+            name = "plugin_steered8" if c == 8 else f"plugin_specs{c}"
+            r[f"specs{c}_vs_stock"] = med(n, name) / med(n, "stock")
         if "hotload_unsteered" in detail[n]:
             r["hotload_unsteered_vs_stock"] = med(n, "hotload_unsteered") / med(n, "stock")
             r["hotload_caa_vs_stock"] = med(n, "hotload_caa") / med(n, "stock")
@@ -192,8 +237,10 @@ def main() -> None:
             "reps": args.reps,
             "circuit_size": k,
             "configs": 8,
+            "distinct_configs_axis": args.configs,
             "enforce_eager": args.enforce_eager,
             "hot_load_neurons": args.hot_load,
+            "loadavg_per_rep": [*loads, {"end": True, "loadavg": os.getloadavg()}],
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
@@ -207,7 +254,8 @@ def main() -> None:
         print(f"{name:<20}" + "".join(f"{med(n, name):>14.1f}" for n in args.prompts))
     for key in ratios(top):
         print(f"{key:<26}" + "".join(f"{ratios(n)[key]:>10.3f}" for n in args.prompts))
-    print(f"wrote {out}")
+    plot_configs(result, args.configs, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     steered.shutdown()
     stock.llm_engine.engine_core.shutdown()
 

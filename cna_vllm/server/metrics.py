@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 
 @dataclass
@@ -20,6 +20,7 @@ class SteeringMetrics:
     rows_in_use: Gauge
     rows_capacity: Gauge
     waiting: Gauge
+    row_wait: Histogram
     circuits_loaded: Gauge
     variants: Counter
 
@@ -53,6 +54,11 @@ def metrics() -> SteeringMetrics:
                 "cna_steering_requests_waiting_for_row",
                 "Steered requests waiting for a free steering-table row",
                 multiprocess_mode="livesum",
+            ),
+            row_wait=Histogram(
+                "cna_steering_row_wait_seconds",
+                "Seconds a steered request waited in the server's admission gate for a steering-table row",
+                buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             ),
             circuits_loaded=Gauge(
                 "cna_steering_circuits_loaded",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -244,8 +245,10 @@ class SteeringMiddleware:
         body = json.dumps(data).encode()
         if spec:
             m.waiting.inc()
+            start = time.perf_counter()
             try:
                 await state.gate.acquire(spec)
+                m.row_wait.observe(time.perf_counter() - start)
             except AdmissionRefused as exc:
                 m.rejected.labels(exc.code).inc()
                 err = ApiError(str(exc), status=exc.status, param=None, code=exc.code)

@@ -131,3 +131,16 @@ def test_full_steering_queue_is_a_429_with_retry_after(client):
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "steering_queue_full"
     assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 200  # unsteered: never queued
+
+
+def test_row_wait_is_observed_for_steered_requests_only(client):
+    wait = metrics().row_wait
+
+    def count() -> float:
+        return next(s.value for s in wait.collect()[0].samples if s.name.endswith("_count"))
+
+    before = count()
+    client.post("/v1/completions", json={"prompt": "x"})
+    assert count() == before
+    client.post("/v1/completions", json={"prompt": "x", "steering": "refusal@0"})
+    assert count() == before + 1
