@@ -111,13 +111,30 @@ def _backend(args: argparse.Namespace, circuits=None):
     circuits = circuits or args.circuits or REPO_CIRCUITS / model_alias(args.model)
     if hasattr(os, "sched_getaffinity"):  # offline: the engine may use every core (vLLM keeps one back)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
-    from cna_vllm.engine.llm import has_cuda
+    from cna_vllm.evaluate.backends import HARNESS_COMPILE, HARNESS_DTYPE
 
-    dtype = args.dtype or ("bfloat16" if has_cuda() else "float32")  # CPUs here lack fast bf16
+    dtype = args.dtype or HARNESS_DTYPE
+    compiled = HARNESS_COMPILE if args.compile is None else args.compile
     return EngineBackend(
-        args.model, circuits, dtype=dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        args.model, circuits, dtype=dtype, max_model_len=args.max_model_len, enforce_eager=not compiled,
         kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
     )
+
+
+def _harness_settings(args: argparse.Namespace) -> dict:
+    """What the report records about the engine that answered."""
+    if args.base_url:
+        return {"model": args.base_url}
+    from cna_vllm.evaluate.backends import HARNESS_COMPILE, HARNESS_DTYPE
+
+    return {"model": args.model, "dtype": args.dtype or HARNESS_DTYPE,
+            "compiled": HARNESS_COMPILE if args.compile is None else args.compile}
+
+
+def _kl_config(args: argparse.Namespace):
+    from cna_vllm.evaluate.ab import KLConfig
+
+    return KLConfig(args.kl_prompts, args.kl_tokens) if args.kl_prompts > 0 and args.kl_tokens > 0 else None
 
 
 def _eval_sets(args: argparse.Namespace):
@@ -138,7 +155,7 @@ def cmd_ab(args: argparse.Namespace) -> None:
     backend = _backend(args)
     try:
         report = run_ab(backend, arms, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
-                        settings={"model": args.base_url or args.model})
+                        settings=_harness_settings(args), kl=_kl_config(args))
     finally:
         backend.close()
     paths = write_report(report, args.out)
@@ -180,7 +197,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     backend = _backend(args, circuits or None)
     try:
         report = run_ab(backend, arms, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
-                        settings={"model": args.base_url or args.model, "sweep": True})
+                        settings={**_harness_settings(args), "sweep": True}, kl=_kl_config(args))
     finally:
         backend.close()
     target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop)
@@ -316,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mmlu", type=int, default=500, help="MMLU questions (seeded subset; 0 to skip)")
         p.add_argument("--seed", type=int, default=0, help="seed of the MMLU subset")
         p.add_argument("--limit", type=int, help="use only the first N prompts of each set")
-        p.add_argument("--max-tokens", type=int, default=64)
+        p.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer")
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--model", default=DEFAULT_MODEL, help="in-process engine model (ignored with --base-url)")
         p.add_argument("--circuits", help="circuits directory for the in-process engine")
@@ -324,7 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--served-model", help="model name on the server (default: its first model)")
         p.add_argument("--api-key", default="none")
         p.add_argument("--concurrency", type=int, default=16)
-        p.add_argument("--dtype", help="in-process engine dtype (default bfloat16 on GPU, float32 on CPU)")
+        p.add_argument("--dtype", help="in-process engine dtype (default bfloat16: benchmarks/results/harness.json)")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the in-process engine (default) or run it eager (--no-compile)")
+        p.add_argument("--kl-prompts", type=int, default=32,
+                       help="harmless prompts for the KL referee (in-process engine only; 0 to skip)")
+        p.add_argument("--kl-tokens", type=int, default=32,
+                       help="KL referee: positions of the baseline's greedy continuation to teacher-force")
         p.add_argument("--max-model-len", type=int, default=2048)
         p.add_argument("--kv-cache-gib", type=int, default=2)
 

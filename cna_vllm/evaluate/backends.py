@@ -2,6 +2,8 @@
 
 Both backends take chat prompts plus one steering spec per call and return texts in
 prompt order, greedy. MMLU uses next-token log-probabilities where the backend has them.
+The in-process engine also returns full-vocabulary next-token log-probabilities along a
+given continuation (:meth:`EngineBackend.forced_logprobs`), for the KL referee.
 """
 
 from __future__ import annotations
@@ -32,14 +34,65 @@ def _messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
+HARNESS_DTYPE = "bfloat16"
+"""Default dtype of the in-process harness (benchmarks/results/harness.json: fastest, agrees with fp32)."""
+HARNESS_COMPILE = True
+"""Default: torch.compile the in-process harness (``enforce_eager=False``)."""
+
+
 class EngineBackend:
-    """An in-process :class:`cna_vllm.engine.llm.SteeredLLM`."""
+    """An in-process :class:`cna_vllm.engine.llm.SteeredLLM` (built with ``max_logprobs=-1`` for the KL referee)."""
 
     def __init__(self, model: str, circuits: Any, **vllm_kwargs: Any) -> None:
         from cna_vllm.engine.llm import SteeredLLM
 
+        vllm_kwargs.setdefault("max_logprobs", -1)
         self.llm = SteeredLLM(model, circuits, **vllm_kwargs)
         self.circuits = {name: c.metadata() for name, c in self.llm.circuits.items()}
+        self.vocab_size = self.llm.llm.llm_engine.model_config.get_vocab_size()
+
+    def chat_ids(self, prompts: Sequence[str], spec: SteeringSpec, max_tokens: int, desc: str) -> list[list[int]]:
+        """Greedy continuations as token ids (the KL referee forces these)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, detokenize=False)
+        outs = self.llm.chat([_messages(p) for p in prompts], params, steering=spec, use_tqdm=True)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def forced_logprobs(
+        self, prompts: Sequence[str], continuations: Sequence[Sequence[int]], spec: SteeringSpec, desc: str,
+        chunk: int = 4,
+    ):
+        """Full-vocabulary log-probabilities of the next token after the chat prompt and after each
+        token of ``continuation`` but the last: one float32 array ``[len(continuation), vocab]`` per
+        prompt (row 0 is the first generated token's distribution). Teacher-forced in one prefill per
+        prompt (``prompt_logprobs=-1``), ``chunk`` prompts at a time to bound memory."""
+        import numpy as np
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=-1, prompt_logprobs=-1, detokenize=False,
+                                flat_logprobs=True)
+        out: list = []
+        items = list(zip(prompts, continuations, strict=True))
+        for start in tqdm(range(0, len(items), chunk), desc=desc):
+            reqs = []
+            for prompt, cont in items[start : start + chunk]:
+                ids = self.llm.render_chat(_messages(prompt))["prompt_token_ids"]
+                reqs.append((len(ids), {"prompt_token_ids": ids + list(cont[:-1]) if len(cont) > 1 else ids}, cont))
+            res = self.llm.generate([r[1] for r in reqs], params, steering=spec)
+            for (n_prompt, req, cont), o in zip(reqs, res, strict=True):
+                flat = o.prompt_logprobs
+                total = len(req["prompt_token_ids"])
+                rows = np.full((len(cont), self.vocab_size), -np.inf, dtype=np.float32)
+                for r, pos in enumerate(range(n_prompt, total)):  # prompt_logprobs[pos]: log p(token pos | < pos)
+                    a, b = flat.start_indices[pos], flat.end_indices[pos]
+                    rows[r, flat.token_ids[a:b]] = flat.logprobs[a:b]
+                last = o.outputs[0].logprobs  # the distribution after the last forced token
+                if last is not None and len(last) and len(cont):
+                    a, b = last.start_indices[0], last.end_indices[0]
+                    rows[len(cont) - 1, last.token_ids[a:b]] = last.logprobs[a:b]
+                out.append(rows)
+        return out
 
     def chat(self, prompts, spec, max_tokens, desc):
         from vllm import SamplingParams
