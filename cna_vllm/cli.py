@@ -167,32 +167,58 @@ def cmd_ab(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def _sweep_circuits(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Circuits the sweep needs beyond the directory (sizes derived from wide circuits) and the names to sweep."""
     from cna_vllm.circuit import Circuit
-    from cna_vllm.evaluate.ab import run_ab, write_report
-    from cna_vllm.evaluate.sweep import Target, derived_circuits, plot_sweep, recommendation, summarise, sweep_arms
+    from cna_vllm.evaluate.sweep import derived_circuits
 
     circuits: dict = {}
     names = list(args.circuit)
-    if args.wide_circuit:
+    for path in args.wide_circuit:
         if args.base_url:
-            raise CnaError("--wide-circuit (fraction sweep) needs the in-process engine, not --base-url")
-        wide = Circuit.load(args.wide_circuit)
-        circuits = derived_circuits(wide, [float(f) for f in args.fractions.split(",")])
-        names = list(circuits) + names
+            raise CnaError("--wide-circuit (circuit sizes) needs the in-process engine, not --base-url")
+        derived = derived_circuits(Circuit.load(path), [float(f) for f in args.fractions.split(",")])
+        circuits.update(derived)
+        names = list(derived) + names
     if circuits:
         from cna_vllm.circuit import load_dir
         from cna_vllm.models import model_alias
 
         base_dir = args.circuits or REPO_CIRCUITS / model_alias(args.model)
         circuits = {**load_dir(base_dir), **circuits}
-    arms = sweep_arms(
-        names,
-        args.modes.split(","),
-        [float(v) for v in args.values.split(",")],
-        list(args.caa),
-        [float(v) for v in args.caa_alphas.split(",")],
-    )
+    return circuits, names
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from cna_vllm.evaluate.ab import run_ab, write_report
+    from cna_vllm.evaluate.sweep import Target, grid_arms, plot_sweep, recommendation, summarise, sweep_arms
+
+    circuits, names = _sweep_circuits(args)
+    if args.alphas:
+        try:
+            arms = grid_arms(
+                names, args.parts.split(","), args.modes.split(","), _floats(args.alphas),
+                both_signs=args.signs == "both", vectors=list(args.caa),
+                vector_alphas=_floats(args.caa_alphas) if args.caa_alphas else None,
+            )
+        except ValueError as exc:
+            raise CnaError(str(exc)) from exc
+    else:
+        arms = sweep_arms(
+            [n if p == "all" else f"{n}[{p}]" for n in names for p in args.parts.split(",")],
+            args.modes.split(","),
+            _floats(args.values),
+            list(args.caa),
+            _floats(args.caa_alphas or "0.25,0.5,1"),
+        )
+    print(f"sweep: {len(arms)} arms (baseline included)")
+    if args.dry_run:
+        print("\n".join(a.name for a in arms))
+        return
     harmful, harmless, mmlu = _eval_sets(args)
     backend = _backend(args, circuits or None)
     try:
@@ -200,7 +226,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                         settings={**_harness_settings(args), "sweep": True}, kl=_kl_config(args))
     finally:
         backend.close()
-    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop)
+    from cna_vllm.evaluate.sweep import KL_CEILING
+
+    kl_max = KL_CEILING if args.target_kl is None else (args.target_kl or None)
+    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop, kl_max)
     summary = summarise(report, target)
     report["sweep"] = summary
     paths = write_report(report, args.out)
@@ -219,6 +248,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print("no setting meets the target: " + json.dumps(target.__dict__))
         if summary["closest"]:
             print(f"closest (largest reduction that kept quality and MMLU): {summary['closest']['arm']}")
+    neuron = summary["neuron_recommended"] or summary["neuron_closest"]
+    if neuron:
+        verdict = "meets the target" if summary["neuron_recommended"] else "closest; misses the target"
+        print(f"neuron_spec: {neuron['arm']} ({verdict})")
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -360,14 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="sweep strength, mode and circuit size; pick the smallest good setting")
     p.add_argument("--circuit", action="append", default=[], help="circuit name to sweep (repeatable)")
     p.add_argument("--modes", default="scale", help="comma-separated modes: scale, patch, shift")
-    p.add_argument("--values", default="0,0.5,1.5,2,3", help="m for scale, α for the other modes")
+    p.add_argument("--parts", default="all",
+                   help="comma-separated: all (whole circuit) and/or signed parts pos, neg, up, down")
+    p.add_argument("--alphas", default="",
+                   help="strengths on the paper's scale for every mode (scale: m = 1 − α); overrides --values")
+    p.add_argument("--signs", choices=["both", "positive"], default="both", help="with --alphas: also run −α")
+    p.add_argument("--values", default="0,0.5,1.5,2,3", help="m for scale, α for the other modes (without --alphas)")
     p.add_argument("--caa", action="append", default=[], help="CAA vector set to sweep in shift mode (repeatable)")
-    p.add_argument("--caa-alphas", default="0.25,0.5,1", help="α values for the --caa vector sets")
-    p.add_argument("--wide-circuit", help="a circuit file discovered at the largest fraction, for --fractions")
+    p.add_argument("--caa-alphas", default="",
+                   help="α values for the --caa vector sets (default: the --alphas grid, else 0.25,0.5,1)")
+    p.add_argument("--wide-circuit", action="append", default=[],
+                   help="a circuit file discovered at the largest fraction, for --fractions (repeatable: "
+                        "one per scoring)")
     p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
+    p.add_argument("--dry-run", action="store_true", help="print the arms and exit")
     p.add_argument("--target-reduction", type=float, default=0.5, help="minimum relative refusal reduction")
     p.add_argument("--target-quality", type=float, default=0.97, help="minimum paper quality")
     p.add_argument("--target-mmlu-drop", type=float, default=0.01, help="maximum MMLU drop (absolute)")
+    p.add_argument("--target-kl", type=float, default=None,
+                   help="maximum teacher-forced KL on harmless prompts, nats (default: KL_CEILING; 0: no check)")
     eval_args(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -25,9 +25,10 @@ def register() -> None:
     """Register every steered class lazily (by ``module:Class``), once per process."""
     from vllm import ModelRegistry
 
-    from cna_vllm.engine.patches import install_input_check
+    from cna_vllm.engine.patches import install_dense_logprobs, install_input_check
 
     install_input_check()  # P5: steering validated and salted for every request, on every path
+    install_dense_logprobs()  # P6: full-vocabulary prompt log-probabilities as arrays, on request
 
     supported = ModelRegistry.get_supported_archs()
     for name in STEERED.values():

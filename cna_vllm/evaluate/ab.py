@@ -13,7 +13,7 @@ from cna_vllm.evaluate.kl import kl_summary
 from cna_vllm.evaluate.metrics import mcnemar, mean, quality_by_length, quality_paper, quality_robust, wilson
 from cna_vllm.evaluate.mmlu import Question
 from cna_vllm.prompts import PromptSet
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.steering import SteeringSpec, split_part
 
 BASELINE = "baseline"
 
@@ -155,7 +155,7 @@ def run_arm(
     """Answer every prompt set under one arm, judge the answers, and measure KL if asked."""
     outputs = backend.chat(list(harmful), arm.spec, max_tokens, f"{arm.name}: {harmful.name}")
     result = ArmResult(arm, outputs, [is_refusal(t) for t in outputs])
-    result.circuits = {i.circuit: backend.circuits.get(i.circuit, {}) for i in arm.spec.items}
+    result.circuits = {i.circuit: backend.circuits.get(split_part(i.circuit)[0], {}) for i in arm.spec.items}
     if harmless is not None:
         result.harmless_outputs = backend.chat(list(harmless), arm.spec, max_tokens, f"{arm.name}: {harmless.name}")
         result.harmless_refusals = [is_refusal(t) for t in result.harmless_outputs]
@@ -184,7 +184,9 @@ def run_ab(
     (the in-process engine), every arm also gets ``kl_first`` and ``kl_forced`` (:mod:`.kl`).
     """
     for arm in arms:
-        missing = [i.circuit for i in arm.spec.items if backend.circuits and i.circuit not in backend.circuits]
+        missing = [
+            i.circuit for i in arm.spec.items if backend.circuits and split_part(i.circuit)[0] not in backend.circuits
+        ]
         if missing:
             raise SteeringError(f"arm {arm.name!r}: unknown circuit(s) {missing}; known: {sorted(backend.circuits)}")
     kl_ref = None

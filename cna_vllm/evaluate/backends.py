@@ -61,37 +61,33 @@ class EngineBackend:
 
     def forced_logprobs(
         self, prompts: Sequence[str], continuations: Sequence[Sequence[int]], spec: SteeringSpec, desc: str,
-        chunk: int = 4,
-    ):
-        """Full-vocabulary log-probabilities of the next token after the chat prompt and after each
-        token of ``continuation`` but the last: one float32 array ``[len(continuation), vocab]`` per
-        prompt (row 0 is the first generated token's distribution). Teacher-forced in one prefill per
-        prompt (``prompt_logprobs=-1``), ``chunk`` prompts at a time to bound memory."""
-        import numpy as np
+        chunk: int = 8,
+    ) -> list:
+        """Full-vocabulary next-token log-probabilities along each continuation, teacher-forced.
+
+        One float32 array ``[len(continuation), vocab]`` per prompt: row r is the distribution of
+        the token after the chat prompt and the first r continuation tokens (row 0: the first
+        generated token). One prefill per prompt with ``prompt_logprobs=-1``, read as arrays
+        (patch P6), ``chunk`` prompts at a time to bound memory.
+        """
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=-1, prompt_logprobs=-1, detokenize=False,
-                                flat_logprobs=True)
+        from cna_vllm.engine.patches import DENSE_LOGPROBS_KEY
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1, detokenize=False,
+                                flat_logprobs=True, extra_args={DENSE_LOGPROBS_KEY: True})
         out: list = []
         items = list(zip(prompts, continuations, strict=True))
+        render = self.llm.render_chat
         for start in tqdm(range(0, len(items), chunk), desc=desc):
-            reqs = []
-            for prompt, cont in items[start : start + chunk]:
-                ids = self.llm.render_chat(_messages(prompt))["prompt_token_ids"]
-                reqs.append((len(ids), {"prompt_token_ids": ids + list(cont[:-1]) if len(cont) > 1 else ids}, cont))
-            res = self.llm.generate([r[1] for r in reqs], params, steering=spec)
-            for (n_prompt, req, cont), o in zip(reqs, res, strict=True):
-                flat = o.prompt_logprobs
-                total = len(req["prompt_token_ids"])
-                rows = np.full((len(cont), self.vocab_size), -np.inf, dtype=np.float32)
-                for r, pos in enumerate(range(n_prompt, total)):  # prompt_logprobs[pos]: log p(token pos | < pos)
-                    a, b = flat.start_indices[pos], flat.end_indices[pos]
-                    rows[r, flat.token_ids[a:b]] = flat.logprobs[a:b]
-                last = o.outputs[0].logprobs  # the distribution after the last forced token
-                if last is not None and len(last) and len(cont):
-                    a, b = last.start_indices[0], last.end_indices[0]
-                    rows[len(cont) - 1, last.token_ids[a:b]] = last.logprobs[a:b]
-                out.append(rows)
+            batch = [(render(_messages(p))["prompt_token_ids"], list(c)) for p, c in items[start : start + chunk]]
+            res = self.llm.generate([{"prompt_token_ids": ids + cont} for ids, cont in batch], params, steering=spec)
+            for (ids, cont), o in zip(batch, res, strict=True):
+                dense = getattr(o.prompt_logprobs, "cna_dense", None)
+                if dense is None:
+                    raise CnaError("the engine returned no dense prompt log-probabilities (patch P6 not installed?)")
+                # dense row j is the distribution of token j + 1; continuation token r sits at len(ids) + r
+                out.append(dense[len(ids) - 1 : len(ids) - 1 + len(cont), : self.vocab_size])
         return out
 
     def chat(self, prompts, spec, max_tokens, desc):
