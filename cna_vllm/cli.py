@@ -255,6 +255,57 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cna_vllm.evaluate.ab import KLReference, run_arm
+    from cna_vllm.evaluate.sweep import KL_CEILING, Target
+    from cna_vllm.evaluate.tune import Space, seed_params, tune, write_outputs
+
+    if args.base_url:
+        raise CnaError("tune needs the in-process engine (the KL referee), not --base-url")
+    circuits, names = _sweep_circuits(args)
+    lo, hi = _floats(args.alpha_range)
+    space = Space(names, args.parts.split(","), args.modes.split(","), (lo, hi), args.alpha_step, list(args.caa))
+    seeds = []
+    if args.from_sweep:
+        path = Path(args.from_sweep)
+        seeds = seed_params(json.loads((path / "report.json" if path.is_dir() else path).read_text()), space,
+                            args.seeds)
+        print(f"starting from the grid's best: {[str(space.spec(p)) for p in seeds]}")
+    kl_max = KL_CEILING if args.target_kl is None else (args.target_kl or None)
+    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop, kl_max)
+    harmful, harmless, mmlu = _eval_sets(args)
+    if harmless is None:
+        raise CnaError("tune needs a harmless set (--harmless) for the KL referee")
+    kl = _kl_config(args)
+    if kl is None:
+        raise CnaError("tune needs the KL referee: --kl-prompts and --kl-tokens must be > 0")
+    backend = _backend(args, circuits or None)
+    try:
+        kl_ref = KLReference.build(backend, harmless, kl)
+        first: list = []
+
+        def evaluate(arm):
+            res = run_arm(backend, arm, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
+                          kl_ref=kl_ref)
+            entry = res.to_dict(first[0] if first else None)
+            if not first:
+                first.append(res)
+            print(f"  {arm.name}: refusal {entry['refusal_rate']:.3f} quality {entry['quality_paper']:.3f} "
+                  f"KL {entry.get('kl_forced', float('nan')):.4f}", flush=True)
+            return entry
+
+        result = tune(evaluate, space, trials=args.trials, target=target, seeds=seeds, seed=args.seed)
+    finally:
+        backend.close()
+    result["settings"] = {**_harness_settings(args), "harmful": harmful.describe(), "harmless": harmless.describe(),
+                          "max_tokens": args.max_tokens, "kl_prompts": kl.prompts, "kl_tokens": kl.tokens,
+                          "trials": args.trials, "space": space.__dict__}
+    paths = write_outputs(result, args.model, target, args.out)
+    rec = json.loads(paths[-1].read_text())
+    print(f"recommended: {rec['spec']} (meets target: {rec['meets_target']}); neuron_spec: {rec['neuron_spec']}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
 def cmd_overlap(args: argparse.Namespace) -> None:
     from cna_vllm.circuit import Circuit
     from cna_vllm.evaluate.overlap import overlap, plot_overlap
@@ -377,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", help="in-process engine dtype (default bfloat16: benchmarks/results/harness.json)")
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the in-process engine (default) or run it eager (--no-compile)")
-        p.add_argument("--kl-prompts", type=int, default=32,
+        p.add_argument("--kl-prompts", type=int, default=16,
                        help="harmless prompts for the KL referee (in-process engine only; 0 to skip)")
         p.add_argument("--kl-tokens", type=int, default=32,
                        help="KL referee: positions of the baseline's greedy continuation to teacher-force")
@@ -414,6 +465,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum teacher-forced KL on harmless prompts, nats (default: KL_CEILING; 0: no check)")
     eval_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("tune", help="Optuna search: refusal against KL, quality as a constraint; Pareto front")
+    p.add_argument("--circuit", action="append", default=[], help="circuit name to search (repeatable)")
+    p.add_argument("--wide-circuit", action="append", default=[],
+                   help="a circuit file at the largest fraction; --fractions sizes join the search (repeatable)")
+    p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
+    p.add_argument("--parts", default="all,pos,neg", help="signed parts to search (all, pos, neg, up, down)")
+    p.add_argument("--modes", default="scale,patch,shift")
+    p.add_argument("--alpha-range", default="-2,2", help="α range on the paper's scale (scale: m = 1 − α)")
+    p.add_argument("--alpha-step", type=float, default=0.05)
+    p.add_argument("--caa", action="append", default=[], help="CAA vector set to search as well (repeatable)")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--from-sweep", help="a sweep's output directory or report.json: start from its best arms")
+    p.add_argument("--seeds", type=int, default=3, help="how many of the grid's best arms to start from")
+    p.add_argument("--target-reduction", type=float, default=0.5)
+    p.add_argument("--target-quality", type=float, default=0.97, help="the constraint: minimum paper quality")
+    p.add_argument("--target-mmlu-drop", type=float, default=0.01)
+    p.add_argument("--target-kl", type=float, default=None, help="KL ceiling, nats (default KL_CEILING; 0: none)")
+    eval_args(p)
+    p.set_defaults(func=cmd_tune, mmlu=0)
 
     p = sub.add_parser("overlap", help="compare two circuits: shared neurons, share, Jaccard, per layer")
     p.add_argument("a")

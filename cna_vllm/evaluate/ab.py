@@ -66,7 +66,7 @@ def parse_arms(text: str | list[str]) -> list[Arm]:
 class KLConfig:
     """The KL referee: the first ``prompts`` harmless prompts, ``tokens`` forced positions each."""
 
-    prompts: int = 32
+    prompts: int = 16
     tokens: int = 32
 
 
