@@ -80,7 +80,7 @@ def test_kl_ceiling_and_neuron_spec_in_the_recommendation():
             arm("v@0.5:shift", "v@0.5:shift", 0.1, kind="caa") | {"kl_forced": 0.01},  # meets, smaller |α|
         ]
     }
-    report["arms"][2]["circuits"] = {"c[neg]@2".split("@")[0]: {"kind": "cna", "num_neurons": 100}}
+    report["arms"][2]["circuits"] = {"c[neg]": {"kind": "cna", "num_neurons": 100}}
     summary = summarise(report, Target(max_kl=0.1))
     by = {r["arm"]: r for r in summary["rows"]}
     assert by["c[pos]@2"]["misses"] == ["KL 0.500 > 0.1"] and by["c[pos]@2"]["part"] == "pos"
