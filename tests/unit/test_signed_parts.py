@@ -79,3 +79,19 @@ def test_catalogue_validation(circuit):
     assert len(resolve(objects, "refusal[up]")) == 2
     with pytest.raises(CircuitError, match="no neurons"):
         lonely.part("down")
+
+
+def test_parts_reproduce_the_published_sign_split():
+    """`refusal[pos]` / `refusal[neg]` are exactly the circuits docs/results/sign-split was first run with."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    refusal = Circuit.load(repo / "circuits" / "qwen2.5-coder-0.5b-instruct" / "refusal.safetensors")
+    split = repo / "docs" / "results" / "sign-split" / "circuits"
+    if not split.is_dir():
+        pytest.skip("the published sign-split circuits are gone")
+    for part, name in (("pos", "refusal-harm-active"), ("neg", "refusal-benign-active")):
+        published = Circuit.load(split / f"{name}.safetensors")
+        ours = refusal.part(part)
+        assert ours.pairs() == published.pairs()
+        np.testing.assert_array_equal(ours.mean_neg, published.mean_neg)
