@@ -6,7 +6,7 @@ Public APIs used elsewhere and not listed here: ``ModelRegistry.register_model``
 ``collective_rpc`` (hot-loading), ``scheduler_cls`` (row admission, :mod:`cna_vllm.engine.admission`,
 a subclass of vLLM's ``Scheduler``, whose interface vLLM calls not yet public). Pinned to vllm 0.32.0.
 
-The engine patches P1-P5 are below. The server touches vLLM internals in four more places,
+The engine patches P1-P6 are below. The server touches vLLM internals in four more places,
 listed here so that this file is the one inventory (issue #9):
 
 - S1 ``cna_vllm.server.app.run_server`` is a copy of vLLM's single-process ``run_server``
