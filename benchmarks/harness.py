@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--reuse", help="a work directory of an earlier run: aggregate its results, run nothing")
     args = parser.parse_args()
     if args.one:
         run_one(args)
@@ -107,10 +108,13 @@ def main() -> None:
     from cna_vllm.evaluate.kl import kl_summary
 
     configs = [(c.split(":")[0], c.split(":")[1] == "compiled") for c in args.configs.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="cna-harness-"))
+    work = Path(args.reuse or tempfile.mkdtemp(prefix="cna-harness-"))
     results = []
     for dtype, compiled in configs:
         res = work / f"{dtype}-{compiled}.json"
+        if args.reuse:
+            results.append(json.loads(res.read_text()))
+            continue
         cmd = [sys.executable, __file__, "--one", "--dtype", dtype, "--workdir", str(work), "--result", str(res),
                "--model", args.model, "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
                "--steer", args.steer, "--kl-prompts", str(args.kl_prompts), "--kl-tokens", str(args.kl_tokens)]
@@ -139,10 +143,12 @@ def main() -> None:
             arm["quality_delta_vs_reference"] = round(arm["quality_paper"] - ref["quality_paper"], 4)
             arm["agrees"] = arm["refusal_agrees"] and abs(arm["quality_delta_vs_reference"]) <= 0.01
             r["agrees_with_reference"] &= arm["agrees"]
-            del arm["refusals"]
         r["tokens_per_s"] = round(
             sum(a["tokens"] for a in r["arms"].values()) / sum(a["wall_s"] for a in r["arms"].values()), 1
         )
+    for r in results:
+        for arm in r["arms"].values():
+            arm.pop("refusals")
     agreeing = [r for r in results if r["agrees_with_reference"]]
     fastest = max(agreeing, key=lambda r: r["tokens_per_s"])
     report = {
