@@ -120,12 +120,18 @@ def tune(
         trial.set_user_attr("spec", key)
         trial.set_user_attr("figures", {k: arm.get(k) for k in FIGURES})
         trial.set_user_attr("misses", target.check(arm, baseline))
-        trial.set_user_attr("constraint", target.min_quality - arm["quality_paper"])
+        constraint = target.min_quality - arm["quality_paper"]
+        trial.set_user_attr("constraint", constraint)
+        if hasattr(trial, "set_constraint"):  # optuna >= 5
+            trial.set_constraint("quality", constraint)
         return arm["refusal_rate"], arm.get("kl_forced") or 0.0
 
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, constraints_func=lambda t: [t.user_attrs.get("constraint", 1.0)]
-    )
+    if hasattr(optuna.trial.Trial, "set_constraint"):  # optuna >= 5: constraints set on the trial
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    else:
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, constraints_func=lambda t: [t.user_attrs.get("constraint", 1.0)]
+        )
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     for params in seeds:
         study.enqueue_trial(params)
