@@ -37,6 +37,20 @@ from cna_vllm.models import ModelIdentity
 if TYPE_CHECKING:
     from cna_vllm.vectors import VectorSet
 
+PARTS: dict[str, str] = {
+    "pos": "|μ⁺| > |μ⁻|: driven harder by the positive set (for refusal: harm-active)",
+    "neg": "|μ⁺| ≤ |μ⁻|: driven at least as hard by the negative set (for refusal: benign-active)",
+    "up": "δ = μ⁺ − μ⁻ > 0: higher on the positive set",
+    "down": "δ = μ⁺ − μ⁻ ≤ 0: higher (or equal) on the negative set",
+}
+"""Signed parts of a circuit, on two axes: which set drives a neuron harder (``pos``/``neg``),
+and the sign of its mean difference (``up``/``down``). Each axis splits a circuit in two."""
+SIGN_CONVENTION = (
+    "mean_pos, mean_neg: mean activation over the positive / negative set; delta = mean_pos - mean_neg; "
+    "parts: pos |mean_pos| > |mean_neg|, neg otherwise; up delta > 0, down otherwise"
+)
+"""Recorded in every discovered circuit's metadata."""
+
 FORMAT = "cna-vllm/circuit"
 FORMAT_VERSION = 1
 TENSORS: dict[str, np.dtype] = {
@@ -97,6 +111,34 @@ class Circuit:
     def by_layer(self) -> dict[int, np.ndarray]:
         """Neuron indices per layer, in rank order."""
         return {layer: self.neurons[self.layers == layer] for layer in self.layer_counts()}
+
+    def part_mask(self, part: str) -> np.ndarray:
+        """Boolean mask of the neurons in signed part ``part`` (see :data:`PARTS`)."""
+        if part == "pos":
+            return np.abs(self.mean_pos) > np.abs(self.mean_neg)
+        if part == "neg":
+            return ~(np.abs(self.mean_pos) > np.abs(self.mean_neg))
+        if part == "up":  # δ > 0, written without the subtraction (no overflow)
+            return self.mean_pos > self.mean_neg
+        if part == "down":
+            return ~(self.mean_pos > self.mean_neg)
+        raise CircuitError(f"unknown circuit part {part!r}; use one of {', '.join(PARTS)}")
+
+    def part_counts(self) -> dict[str, int]:
+        """``{part: number of neurons}`` for every signed part."""
+        return {part: int(self.part_mask(part).sum()) for part in PARTS}
+
+    def part(self, part: str) -> Circuit:
+        """The signed part ``part`` as a circuit named ``name[part]`` (rank order kept)."""
+        mask = self.part_mask(part)
+        if not mask.any():
+            raise CircuitError(f"circuit {self.name!r} has no neurons in part {part!r}")
+        return replace(
+            self,
+            name=f"{self.name}[{part}]",
+            description=f"{self.name}[{part}]: {PARTS[part]}",
+            **{key: getattr(self, key)[mask] for key in TENSORS},
+        )
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
@@ -211,6 +253,7 @@ class Circuit:
             "discovery": self.discovery,
             "num_neurons": len(self),
             "layer_counts": {str(k): v for k, v in self.layer_counts().items()},
+            "parts": self.part_counts(),
             "created_at": self.created_at,
             "tool_version": self.version,
         }
@@ -269,6 +312,13 @@ class Circuit:
         width = max(counts.values())
         for layer, count in counts.items():
             lines.append(f"    L{layer:>3} {count:>5}  {'#' * max(1, round(30 * count / width))}")
+        lines.append("  signed parts (select one in a spec as NAME[part], e.g. " f"{self.name}[pos]@0):")
+        for part, desc in PARTS.items():
+            mask = self.part_mask(part)
+            per_layer = Counter(self.layers[mask].tolist())
+            layers = " ".join(f"L{k}:{v}" for k, v in sorted(per_layer.items()))
+            lines.append(f"    [{part:<4}] {int(mask.sum()):>5}  {desc}")
+            lines.append(f"           {layers}")
         lines.append(f"  top {min(top, len(self))} neurons:  layer neuron      score   mean_pos   mean_neg")
         for i in np.argsort(-self.score, kind="stable")[:top]:
             lines.append(

@@ -116,13 +116,30 @@ def _backend(args: argparse.Namespace, circuits=None):
     circuits = circuits or args.circuits or REPO_CIRCUITS / model_alias(args.model)
     if hasattr(os, "sched_getaffinity"):  # offline: the engine may use every core (vLLM keeps one back)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
-    from cna_vllm.engine.llm import has_cuda
+    from cna_vllm.evaluate.backends import HARNESS_COMPILE, HARNESS_DTYPE
 
-    dtype = args.dtype or ("bfloat16" if has_cuda() else "float32")  # CPUs here lack fast bf16
+    dtype = args.dtype or HARNESS_DTYPE
+    compiled = HARNESS_COMPILE if args.compile is None else args.compile
     return EngineBackend(
-        args.model, circuits, dtype=dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        args.model, circuits, dtype=dtype, max_model_len=args.max_model_len, enforce_eager=not compiled,
         kv_cache_memory_bytes=args.kv_cache_gib << 30, seed=0,
     )
+
+
+def _harness_settings(args: argparse.Namespace) -> dict:
+    """What the report records about the engine that answered."""
+    if args.base_url:
+        return {"model": args.base_url}
+    from cna_vllm.evaluate.backends import HARNESS_COMPILE, HARNESS_DTYPE
+
+    return {"model": args.model, "dtype": args.dtype or HARNESS_DTYPE,
+            "compiled": HARNESS_COMPILE if args.compile is None else args.compile}
+
+
+def _kl_config(args: argparse.Namespace):
+    from cna_vllm.evaluate.ab import KLConfig
+
+    return KLConfig(args.kl_prompts, args.kl_tokens) if args.kl_prompts > 0 and args.kl_tokens > 0 else None
 
 
 def _eval_sets(args: argparse.Namespace):
@@ -143,7 +160,7 @@ def cmd_ab(args: argparse.Namespace) -> None:
     backend = _backend(args)
     try:
         report = run_ab(backend, arms, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
-                        settings={"model": args.base_url or args.model})
+                        settings=_harness_settings(args), kl=_kl_config(args))
     finally:
         backend.close()
     paths = write_report(report, args.out)
@@ -155,40 +172,69 @@ def cmd_ab(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def _sweep_circuits(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Circuits the sweep needs beyond the directory (sizes derived from wide circuits) and the names to sweep."""
     from cna_vllm.circuit import Circuit
-    from cna_vllm.evaluate.ab import run_ab, write_report
-    from cna_vllm.evaluate.sweep import Target, derived_circuits, plot_sweep, recommendation, summarise, sweep_arms
+    from cna_vllm.evaluate.sweep import derived_circuits
 
     circuits: dict = {}
     names = list(args.circuit)
-    if args.wide_circuit:
+    for path in args.wide_circuit:
         if args.base_url:
-            raise CnaError("--wide-circuit (fraction sweep) needs the in-process engine, not --base-url")
-        wide = Circuit.load(args.wide_circuit)
-        circuits = derived_circuits(wide, [float(f) for f in args.fractions.split(",")])
-        names = list(circuits) + names
+            raise CnaError("--wide-circuit (circuit sizes) needs the in-process engine, not --base-url")
+        derived = derived_circuits(Circuit.load(path), [float(f) for f in args.fractions.split(",")])
+        circuits.update(derived)
+        names = list(derived) + names
     if circuits:
         from cna_vllm.circuit import load_dir
         from cna_vllm.models import model_alias
 
         base_dir = args.circuits or REPO_CIRCUITS / model_alias(args.model)
         circuits = {**load_dir(base_dir), **circuits}
-    arms = sweep_arms(
-        names,
-        args.modes.split(","),
-        [float(v) for v in args.values.split(",")],
-        list(args.caa),
-        [float(v) for v in args.caa_alphas.split(",")],
-    )
+    return circuits, names
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from cna_vllm.evaluate.ab import run_ab, write_report
+    from cna_vllm.evaluate.sweep import Target, grid_arms, plot_sweep, recommendation, summarise, sweep_arms
+
+    circuits, names = _sweep_circuits(args)
+    if args.alphas:
+        try:
+            arms = grid_arms(
+                names, args.parts.split(","), args.modes.split(","), _floats(args.alphas),
+                both_signs=args.signs == "both", vectors=list(args.caa),
+                vector_alphas=_floats(args.caa_alphas) if args.caa_alphas else None,
+            )
+        except ValueError as exc:
+            raise CnaError(str(exc)) from exc
+    else:
+        arms = sweep_arms(
+            [n if p == "all" else f"{n}[{p}]" for n in names for p in args.parts.split(",")],
+            args.modes.split(","),
+            _floats(args.values),
+            list(args.caa),
+            _floats(args.caa_alphas or "0.25,0.5,1"),
+        )
+    print(f"sweep: {len(arms)} arms (baseline included)")
+    if args.dry_run:
+        print("\n".join(a.name for a in arms))
+        return
     harmful, harmless, mmlu = _eval_sets(args)
     backend = _backend(args, circuits or None)
     try:
         report = run_ab(backend, arms, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
-                        settings={"model": args.base_url or args.model, "sweep": True})
+                        settings={**_harness_settings(args), "sweep": True}, kl=_kl_config(args))
     finally:
         backend.close()
-    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop)
+    from cna_vllm.evaluate.sweep import KL_CEILING
+
+    kl_max = KL_CEILING if args.target_kl is None else (args.target_kl or None)
+    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop, kl_max)
     summary = summarise(report, target)
     report["sweep"] = summary
     paths = write_report(report, args.out)
@@ -207,6 +253,61 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print("no setting meets the target: " + json.dumps(target.__dict__))
         if summary["closest"]:
             print(f"closest (largest reduction that kept quality and MMLU): {summary['closest']['arm']}")
+    neuron = summary["neuron_recommended"] or summary["neuron_closest"]
+    if neuron:
+        verdict = "meets the target" if summary["neuron_recommended"] else "closest; misses the target"
+        print(f"neuron_spec: {neuron['arm']} ({verdict})")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cna_vllm.evaluate.ab import KLReference, run_arm
+    from cna_vllm.evaluate.sweep import KL_CEILING, Target
+    from cna_vllm.evaluate.tune import Space, seed_params, tune, write_outputs
+
+    if args.base_url:
+        raise CnaError("tune needs the in-process engine (the KL referee), not --base-url")
+    circuits, names = _sweep_circuits(args)
+    lo, hi = _floats(args.alpha_range)
+    space = Space(names, args.parts.split(","), args.modes.split(","), (lo, hi), args.alpha_step, list(args.caa))
+    seeds = []
+    if args.from_sweep:
+        path = Path(args.from_sweep)
+        seeds = seed_params(json.loads((path / "report.json" if path.is_dir() else path).read_text()), space,
+                            args.seeds)
+        print(f"starting from the grid's best: {[str(space.spec(p)) for p in seeds]}")
+    kl_max = KL_CEILING if args.target_kl is None else (args.target_kl or None)
+    target = Target(args.target_reduction, args.target_quality, args.target_mmlu_drop, kl_max)
+    harmful, harmless, mmlu = _eval_sets(args)
+    if harmless is None:
+        raise CnaError("tune needs a harmless set (--harmless) for the KL referee")
+    kl = _kl_config(args)
+    if kl is None:
+        raise CnaError("tune needs the KL referee: --kl-prompts and --kl-tokens must be > 0")
+    backend = _backend(args, circuits or None)
+    try:
+        kl_ref = KLReference.build(backend, harmless, kl)
+        first: list = []
+
+        def evaluate(arm):
+            res = run_arm(backend, arm, harmful, harmless=harmless, mmlu=mmlu, max_tokens=args.max_tokens,
+                          kl_ref=kl_ref)
+            entry = res.to_dict(first[0] if first else None)
+            if not first:
+                first.append(res)
+            print(f"  {arm.name}: refusal {entry['refusal_rate']:.3f} quality {entry['quality_paper']:.3f} "
+                  f"KL {entry.get('kl_forced', float('nan')):.4f}", flush=True)
+            return entry
+
+        result = tune(evaluate, space, trials=args.trials, target=target, seeds=seeds, seed=args.seed)
+    finally:
+        backend.close()
+    result["settings"] = {**_harness_settings(args), "harmful": harmful.describe(), "harmless": harmless.describe(),
+                          "max_tokens": args.max_tokens, "kl_prompts": kl.prompts, "kl_tokens": kl.tokens,
+                          "trials": args.trials, "space": space.__dict__}
+    paths = write_outputs(result, args.model, target, args.out)
+    rec = json.loads(paths[-1].read_text())
+    print(f"recommended: {rec['spec']} (meets target: {rec['meets_target']}); neuron_spec: {rec['neuron_spec']}")
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -325,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mmlu", type=int, default=500, help="MMLU questions (seeded subset; 0 to skip)")
         p.add_argument("--seed", type=int, default=0, help="seed of the MMLU subset")
         p.add_argument("--limit", type=int, help="use only the first N prompts of each set")
-        p.add_argument("--max-tokens", type=int, default=64)
+        p.add_argument("--max-tokens", type=int, default=128, help="new tokens per answer")
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--model", default=DEFAULT_MODEL, help="in-process engine model (ignored with --base-url)")
         p.add_argument("--circuits", help="circuits directory for the in-process engine")
@@ -333,7 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--served-model", help="model name on the server (default: its first model)")
         p.add_argument("--api-key", default="none")
         p.add_argument("--concurrency", type=int, default=16)
-        p.add_argument("--dtype", help="in-process engine dtype (default bfloat16 on GPU, float32 on CPU)")
+        p.add_argument("--dtype", help="in-process engine dtype (default bfloat16: benchmarks/results/harness.json)")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the in-process engine (default) or run it eager (--no-compile)")
+        p.add_argument("--kl-prompts", type=int, default=16,
+                       help="harmless prompts for the KL referee (in-process engine only; 0 to skip)")
+        p.add_argument("--kl-tokens", type=int, default=32,
+                       help="KL referee: positions of the baseline's greedy continuation to teacher-force")
         p.add_argument("--max-model-len", type=int, default=2048)
         p.add_argument("--kv-cache-gib", type=int, default=2)
 
@@ -346,16 +453,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="sweep strength, mode and circuit size; pick the smallest good setting")
     p.add_argument("--circuit", action="append", default=[], help="circuit name to sweep (repeatable)")
     p.add_argument("--modes", default="scale", help="comma-separated modes: scale, patch, shift")
-    p.add_argument("--values", default="0,0.5,1.5,2,3", help="m for scale, α for the other modes")
+    p.add_argument("--parts", default="all",
+                   help="comma-separated: all (whole circuit) and/or signed parts pos, neg, up, down")
+    p.add_argument("--alphas", default="",
+                   help="strengths on the paper's scale for every mode (scale: m = 1 − α); overrides --values")
+    p.add_argument("--signs", choices=["both", "positive"], default="both", help="with --alphas: also run −α")
+    p.add_argument("--values", default="0,0.5,1.5,2,3", help="m for scale, α for the other modes (without --alphas)")
     p.add_argument("--caa", action="append", default=[], help="CAA vector set to sweep in shift mode (repeatable)")
-    p.add_argument("--caa-alphas", default="0.25,0.5,1", help="α values for the --caa vector sets")
-    p.add_argument("--wide-circuit", help="a circuit file discovered at the largest fraction, for --fractions")
+    p.add_argument("--caa-alphas", default="",
+                   help="α values for the --caa vector sets (default: the --alphas grid, else 0.25,0.5,1)")
+    p.add_argument("--wide-circuit", action="append", default=[],
+                   help="a circuit file discovered at the largest fraction, for --fractions (repeatable: "
+                        "one per scoring)")
     p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
+    p.add_argument("--dry-run", action="store_true", help="print the arms and exit")
     p.add_argument("--target-reduction", type=float, default=0.5, help="minimum relative refusal reduction")
     p.add_argument("--target-quality", type=float, default=0.97, help="minimum paper quality")
     p.add_argument("--target-mmlu-drop", type=float, default=0.01, help="maximum MMLU drop (absolute)")
+    p.add_argument("--target-kl", type=float, default=None,
+                   help="maximum teacher-forced KL on harmless prompts, nats (default: KL_CEILING; 0: no check)")
     eval_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("tune", help="Optuna search: refusal against KL, quality as a constraint; Pareto front")
+    p.add_argument("--circuit", action="append", default=[], help="circuit name to search (repeatable)")
+    p.add_argument("--wide-circuit", action="append", default=[],
+                   help="a circuit file at the largest fraction; --fractions sizes join the search (repeatable)")
+    p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
+    p.add_argument("--parts", default="all,pos,neg", help="signed parts to search (all, pos, neg, up, down)")
+    p.add_argument("--modes", default="scale,patch,shift")
+    p.add_argument("--alpha-range", default="-2,2", help="α range on the paper's scale (scale: m = 1 − α)")
+    p.add_argument("--alpha-step", type=float, default=0.05)
+    p.add_argument("--caa", action="append", default=[], help="CAA vector set to search as well (repeatable)")
+    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--from-sweep", help="a sweep's output directory or report.json: start from its best arms")
+    p.add_argument("--seeds", type=int, default=3, help="how many of the grid's best arms to start from")
+    p.add_argument("--target-reduction", type=float, default=0.5)
+    p.add_argument("--target-quality", type=float, default=0.97, help="the constraint: minimum paper quality")
+    p.add_argument("--target-mmlu-drop", type=float, default=0.01)
+    p.add_argument("--target-kl", type=float, default=None, help="KL ceiling, nats (default KL_CEILING; 0: none)")
+    eval_args(p)
+    p.set_defaults(func=cmd_tune, mmlu=0)
 
     p = sub.add_parser("overlap", help="compare two circuits: shared neurons, share, Jaccard, per layer")
     p.add_argument("a")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cna_vllm.circuit import Circuit
+from cna_vllm.circuit import SIGN_CONVENTION, Circuit
 from cna_vllm.errors import CnaError
 from cna_vllm.models import ModelIdentity
 from cna_vllm.prompts import PromptSet
@@ -327,6 +327,7 @@ def discover(
         **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items() if k != "batch_size"},
         "universal_removed": report["universal_removed"],
         "universal_inputs": report["universal_inputs"],
+        "sign_convention": SIGN_CONVENTION,
     }
     circuit = Circuit(
         name=name,

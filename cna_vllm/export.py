@@ -34,7 +34,7 @@ import numpy as np
 from cna_vllm.circuit import Circuit, scan_dir, tool_version
 from cna_vllm.errors import ExportError
 from cna_vllm.models import PREPARED_MARKER, ModelIdentity, resolve_model
-from cna_vllm.steering import SteeringSpec, is_vector_set
+from cna_vllm.steering import SteeringSpec, is_vector_set, resolve, split_part
 from cna_vllm.vectors import VectorSet
 
 FORMATS = ("peft-lora", "merged")
@@ -170,7 +170,7 @@ def _load(
         raise ExportError(f"circuits directory {circuits_dir} does not exist; pass --circuits DIR")
     found = scan_dir(circuits_dir)
     spec.validate({name: c for name, (_, c) in found.items()})
-    names = list(dict.fromkeys(item.circuit for item in spec.items))
+    names = list(dict.fromkeys(split_part(item.circuit)[0] for item in spec.items))  # NAME[part] needs NAME
     used = {name: found[name][1].validate_for(ident) for name in names}
     return spec, used, {name: found[name][0] for name in names}
 
@@ -191,7 +191,7 @@ def _edits(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> d
 
 
 def _bias_items(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> str:
-    items = [str(i) for i in spec.items if i.mode != "scale" or is_vector_set(circuits[i.circuit])]
+    items = [str(i) for i in spec.items if i.mode != "scale" or is_vector_set(resolve(circuits, i.circuit))]
     return ", ".join(repr(i) for i in items) or repr(str(spec))
 
 

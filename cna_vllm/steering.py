@@ -21,6 +21,12 @@ the maps compose: after ``(s1, b1)`` then ``(s2, b2)`` the neuron holds
 ``s2·(s1·a + b1) + b2``, i.e. ``(s2·s1, s2·b1 + b2)``. Order matters only for neurons
 that more than one item touches (e.g. ``scale`` then ``shift`` differs from the reverse).
 
+**Signed parts.** An item's circuit may be ``NAME[part]``: only the neurons of circuit
+``NAME`` in that signed part (:data:`cna_vllm.circuit.PARTS`): ``pos`` (|μ⁺| > |μ⁻|, driven
+harder by the positive set), ``neg`` (the rest), ``up`` (δ > 0) or ``down`` (δ ≤ 0). E.g.
+``refusal[pos]@0`` ablates the harm-active neurons of ``refusal``. The part is selected
+when the spec is turned into rows, so the engine only sees a smaller neuron set.
+
 Accepted inputs to :meth:`SteeringSpec.parse`: ``None``/``""``/``[]`` (no steering), a
 spec, one item dict, a list of item dicts, JSON text of either, or the compact string
 ``NAME@VALUE[:mode][,NAME@VALUE[:mode]...]`` where VALUE is m for ``scale`` (the default
@@ -32,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,6 +66,48 @@ LayerRows = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
 """``{layer: (neuron_idx int64 ascending, s float32, b float32)}``."""
 LayerOffsets = dict[int, np.ndarray]
 """``{layer: float32 [hidden]}``, added to the layer's MLP output."""
+
+
+PART_NAMES = ("pos", "neg", "up", "down")
+"""The signed parts a spec may select with ``NAME[part]`` (see :data:`cna_vllm.circuit.PARTS`)."""
+_PART_RE = re.compile(r"^([^\[\]]+)\[([^\[\]]*)\]$")
+
+
+def split_part(name: str) -> tuple[str, str | None]:
+    """``"refusal[pos]"`` → ``("refusal", "pos")``; ``"refusal"`` → ``("refusal", None)``."""
+    if "[" not in name and "]" not in name:
+        return name, None
+    m = _PART_RE.match(name)
+    if not m:
+        raise SteeringError(f"circuit {name!r}: expected NAME or NAME[part] with part one of {', '.join(PART_NAMES)}")
+    base, part = m.group(1).strip(), m.group(2).strip()
+    if part not in PART_NAMES:
+        raise SteeringError(f"circuit {name!r}: unknown part {part!r}; use one of {', '.join(PART_NAMES)}")
+    return base, part
+
+
+def resolve(circuits: Mapping[str, Any], name: str) -> Any:
+    """The circuit (or metadata) an item's ``circuit`` names, its signed part selected.
+
+    Raises :class:`SteeringError` for an unknown name, a part of a CAA vector set, or an empty part.
+    """
+    base, part = split_part(name)
+    if base not in circuits:
+        known = ", ".join(sorted(circuits)) or "none loaded"
+        raise SteeringError(f"unknown circuit {base!r}; known circuits: {known}")
+    obj = circuits[base]
+    if part is None:
+        return obj
+    if is_vector_set(obj):
+        raise SteeringError(f"{base!r} is a CAA vector set: it has no signed parts (got {name!r})")
+    if isinstance(obj, Mapping):  # metadata: {"kind", "parts": {part: count}}
+        if obj.get("parts", {}).get(part, 1) == 0:
+            raise SteeringError(f"circuit {base!r} has no neurons in part {part!r}")
+        return obj
+    counts = obj.part_counts()
+    if counts[part] == 0:
+        raise SteeringError(f"circuit {base!r} has no neurons in part {part!r}")
+    return obj.part(part)
 
 
 def is_vector_set(obj: Any) -> bool:
@@ -133,10 +182,7 @@ class SteeringSpec:
         ``circuits`` maps names to circuits, vector sets or their metadata dicts.
         """
         for item in self.items:
-            if item.circuit not in circuits:
-                known = ", ".join(sorted(circuits)) or "none loaded"
-                raise SteeringError(f"unknown circuit {item.circuit!r}; known circuits: {known}")
-            if is_vector_set(circuits[item.circuit]) and item.mode not in VECTOR_MODES:
+            if is_vector_set(resolve(circuits, item.circuit)) and item.mode not in VECTOR_MODES:
                 raise SteeringError(
                     f"{item.circuit!r} is a CAA vector set: it takes mode 'shift' with alpha "
                     f"(e.g. {item.circuit}@1:shift), not {item.mode!r}"
@@ -174,7 +220,7 @@ class SteeringSpec:
         self.validate(circuits)
         acc: dict[int, dict[int, tuple[float, float]]] = {}
         for item in self.items:
-            circuit = circuits[item.circuit]
+            circuit = resolve(circuits, item.circuit)
             if is_vector_set(circuit):
                 continue
             s_arr, b_arr = item.affine(circuit)
@@ -201,7 +247,7 @@ class SteeringSpec:
         self.validate(circuits)
         acc: dict[int, np.ndarray] = {}
         for item in self.items:
-            vectors = circuits[item.circuit]
+            vectors = resolve(circuits, item.circuit)
             if not is_vector_set(vectors):
                 continue
             for layer, v in zip(vectors.layers.tolist(), vectors.vectors, strict=True):
@@ -231,7 +277,8 @@ def _number(value: Any, what: str) -> float:
 def _check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise SteeringError(f"{where}: 'circuit' must be a non-empty string, got {name!r}")
-    return name.strip()
+    base, part = split_part(name.strip())
+    return base if part is None else f"{base}[{part}]"
 
 
 def _check_mode(mode: Any, where: str) -> str:

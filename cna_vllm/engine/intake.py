@@ -23,25 +23,32 @@ from typing import Any
 from cna_vllm.errors import SteeringError
 from cna_vllm.steering import SALT_PREFIX, SteeringSpec, is_vector_set
 
-_CATALOGUES: dict[str, dict[str, dict[str, str]]] = {}
-"""API-process registry: vLLM instance id -> {circuit name: {"kind": ...}}."""
+_CATALOGUES: dict[str, dict[str, dict[str, Any]]] = {}
+"""API-process registry: vLLM instance id -> {circuit name: {"kind": ..., "parts": {part: count}}}."""
 
 
-def catalogue(vllm_config: Any) -> dict[str, dict[str, str]]:
+def catalogue(vllm_config: Any) -> dict[str, dict[str, Any]]:
     """The circuits this engine steers with, by name (read once from ``additional_config``)."""
     found = _CATALOGUES.get(vllm_config.instance_id)
     if found is None:
         from cna_vllm.engine.state import EngineSteeringConfig
 
         cfg = EngineSteeringConfig.from_additional_config(vllm_config.additional_config)
-        found = {name: {"kind": c.kind} for name, c in cfg.load_circuits().items()}
+        found = {name: _entry(c) for name, c in cfg.load_circuits().items()}
         _CATALOGUES[vllm_config.instance_id] = found
     return found
 
 
 def add_to_catalogue(vllm_config: Any, name: str, circuit: Any) -> None:
     """Make a hot-loaded circuit steerable in requests (after every worker has it)."""
-    catalogue(vllm_config)[name] = {"kind": "caa" if is_vector_set(circuit) else "cna"}
+    catalogue(vllm_config)[name] = _entry(circuit)
+
+
+def _entry(circuit: Any) -> dict[str, Any]:
+    """What intake needs to validate a spec: the kind, and a neuron circuit's signed-part sizes."""
+    if is_vector_set(circuit):
+        return {"kind": "caa"}
+    return {"kind": "cna", "parts": circuit.part_counts()}
 
 
 def check_user_salt(user_salt: object) -> None:

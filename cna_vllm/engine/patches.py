@@ -6,7 +6,7 @@ Public APIs used elsewhere and not listed here: ``ModelRegistry.register_model``
 ``collective_rpc`` (hot-loading), ``scheduler_cls`` (row admission, :mod:`cna_vllm.engine.admission`,
 a subclass of vLLM's ``Scheduler``, whose interface vLLM calls not yet public). Pinned to vllm 0.32.0.
 
-The engine patches P1-P5 are below (the general plugin installs P1 and P5 in every
+The engine patches P1-P6 are below (the general plugin installs P1, P5 and P6 in every
 process). The server touches vLLM internals in four more places,
 listed here so that this file is the one inventory (issue #9):
 
@@ -273,3 +273,56 @@ def install_input_check() -> None:
 
     process_inputs._cna_checked = True  # type: ignore[attr-defined]
     InputProcessor.process_inputs = process_inputs
+
+
+# --------------------------------------------------------------------------- P6
+# P6 dense full-vocabulary prompt log-probabilities (the KL referee).
+#   why:  ``prompt_logprobs=-1`` returns every vocabulary entry at every position, but the API
+#         process turns them into Python lists one element at a time (``FlatLogprobs.append_fast``):
+#         about 0.4 s per position for a 152k vocabulary, 20x the model's own time.
+#   how:  wrap ``LogprobsProcessor.from_new_request`` to mark a request whose
+#         ``extra_args[DENSE_LOGPROBS_KEY]`` is set, and ``_update_prompt_logprobs`` to keep such a
+#         request's rows as one float32 array ``[positions, vocab]`` in vocabulary order (attribute
+#         ``cna_dense`` of the returned ``prompt_logprobs``) instead of pythonizing them.
+#         Requests without the key are untouched.
+#   when it can go: when vLLM returns prompt log-probabilities as arrays (or a request-level
+#         option to skip pythonizing them).
+
+DENSE_LOGPROBS_KEY = "cna_dense_prompt_logprobs"
+
+
+def install_dense_logprobs() -> None:
+    """Install P6 (idempotent)."""
+    import functools
+
+    import numpy as np
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    if getattr(LogprobsProcessor._update_prompt_logprobs, "_cna_dense", False):
+        return
+    stock_new = LogprobsProcessor.from_new_request.__func__
+    stock_update = LogprobsProcessor._update_prompt_logprobs
+
+    @functools.wraps(stock_new)
+    def from_new_request(cls: Any, tokenizer: Any, request: Any) -> Any:
+        proc = stock_new(cls, tokenizer, request)
+        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        proc.cna_dense = bool(extra.get(DENSE_LOGPROBS_KEY)) and request.sampling_params.prompt_logprobs == -1
+        return proc
+
+    @functools.wraps(stock_update)
+    def _update_prompt_logprobs(self: Any, tensors: Any) -> None:
+        if not getattr(self, "cna_dense", False):
+            return stock_update(self, tensors)
+        token_ids, logprobs, *_ = tensors
+        ids = np.asarray(token_ids)[:, 1:]  # column 0 is the prompt token itself, then the full top-k
+        lps = np.asarray(logprobs, dtype=np.float32)[:, 1:]
+        dense = np.full((ids.shape[0], ids.shape[1]), -np.inf, dtype=np.float32)
+        np.put_along_axis(dense, ids.astype(np.int64), lps, axis=1)
+        previous = getattr(self.prompt_logprobs, "cna_dense", None)
+        self.prompt_logprobs.cna_dense = dense if previous is None else np.concatenate([previous, dense])
+        return None
+
+    _update_prompt_logprobs._cna_dense = True  # type: ignore[attr-defined]
+    LogprobsProcessor.from_new_request = classmethod(from_new_request)
+    LogprobsProcessor._update_prompt_logprobs = _update_prompt_logprobs

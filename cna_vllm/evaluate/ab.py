@@ -9,10 +9,11 @@ from typing import Any
 from cna_vllm.errors import SteeringError
 from cna_vllm.evaluate.backends import Backend
 from cna_vllm.evaluate.judge import is_refusal
-from cna_vllm.evaluate.metrics import mcnemar, mean, quality_paper, quality_robust, wilson
+from cna_vllm.evaluate.kl import kl_summary
+from cna_vllm.evaluate.metrics import mcnemar, mean, quality_by_length, quality_paper, quality_robust, wilson
 from cna_vllm.evaluate.mmlu import Question
 from cna_vllm.prompts import PromptSet
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.steering import SteeringSpec, split_part
 
 BASELINE = "baseline"
 
@@ -61,6 +62,33 @@ def parse_arms(text: str | list[str]) -> list[Arm]:
     return arms
 
 
+@dataclass(frozen=True)
+class KLConfig:
+    """The KL referee: the first ``prompts`` harmless prompts, ``tokens`` forced positions each."""
+
+    prompts: int = 16
+    tokens: int = 32
+
+
+@dataclass
+class KLReference:
+    """The baseline's greedy continuations and its log-probabilities along them."""
+
+    prompts: list[str]
+    continuations: list[list[int]]
+    logprobs: list[Any]
+
+    @classmethod
+    def build(cls, backend: Any, harmless: PromptSet, config: KLConfig) -> KLReference:
+        prompts = list(harmless)[: config.prompts]
+        conts = backend.chat_ids(prompts, SteeringSpec(), config.tokens, "KL: baseline continuations")
+        return cls(prompts, conts, backend.forced_logprobs(prompts, conts, SteeringSpec(), "KL: baseline"))
+
+    def measure(self, backend: Any, spec: SteeringSpec, desc: str) -> dict[str, Any]:
+        steered = backend.forced_logprobs(self.prompts, self.continuations, spec, desc) if spec else self.logprobs
+        return kl_summary(self.logprobs, steered)
+
+
 @dataclass
 class ArmResult:
     arm: Arm
@@ -71,6 +99,7 @@ class ArmResult:
     mmlu_choices: list[str | None] = field(default_factory=list)
     mmlu_correct: list[bool] = field(default_factory=list)
     circuits: dict[str, Any] = field(default_factory=dict)
+    kl: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, baseline: ArmResult | None) -> dict[str, Any]:
         n = len(self.outputs)
@@ -85,6 +114,8 @@ class ArmResult:
             "refusal_ci": list(wilson(k, n)),
             "quality_paper": mean([quality_paper(t) for t in self.outputs]),
             "quality_robust": mean([quality_robust(t) for t in self.outputs]),
+            "quality_by_length": quality_by_length(self.outputs),
+            **self.kl,
             "outputs": self.outputs,
             "refusals": self.refusals,
         }
@@ -118,18 +149,21 @@ def run_arm(
     *,
     harmless: PromptSet | None = None,
     mmlu: list[Question] | None = None,
-    max_tokens: int = 64,
+    max_tokens: int = 128,
+    kl_ref: KLReference | None = None,
 ) -> ArmResult:
-    """Answer every prompt set under one arm and judge the answers."""
+    """Answer every prompt set under one arm, judge the answers, and measure KL if asked."""
     outputs = backend.chat(list(harmful), arm.spec, max_tokens, f"{arm.name}: {harmful.name}")
     result = ArmResult(arm, outputs, [is_refusal(t) for t in outputs])
-    result.circuits = {i.circuit: backend.circuits.get(i.circuit, {}) for i in arm.spec.items}
+    result.circuits = {i.circuit: backend.circuits.get(split_part(i.circuit)[0], {}) for i in arm.spec.items}
     if harmless is not None:
         result.harmless_outputs = backend.chat(list(harmless), arm.spec, max_tokens, f"{arm.name}: {harmless.name}")
         result.harmless_refusals = [is_refusal(t) for t in result.harmless_outputs]
     if mmlu:
         result.mmlu_choices = backend.choose([q.prompt() for q in mmlu], arm.spec, f"{arm.name}: mmlu")
         result.mmlu_correct = [c == q.answer for c, q in zip(result.mmlu_choices, mmlu, strict=True)]
+    if kl_ref is not None:
+        result.kl = kl_ref.measure(backend, arm.spec, f"{arm.name}: KL")
     return result
 
 
@@ -140,15 +174,28 @@ def run_ab(
     *,
     harmless: PromptSet | None = None,
     mmlu: list[Question] | None = None,
-    max_tokens: int = 64,
+    max_tokens: int = 128,
     settings: dict[str, Any] | None = None,
+    kl: KLConfig | None = None,
 ) -> dict[str, Any]:
-    """Run every arm and return the report dictionary (``report.json``)."""
+    """Run every arm and return the report dictionary (``report.json``).
+
+    With ``kl`` and a harmless set, on a backend that returns full-vocabulary log-probabilities
+    (the in-process engine), every arm also gets ``kl_first`` and ``kl_forced`` (:mod:`.kl`).
+    """
     for arm in arms:
-        missing = [i.circuit for i in arm.spec.items if backend.circuits and i.circuit not in backend.circuits]
+        missing = [
+            i.circuit for i in arm.spec.items if backend.circuits and split_part(i.circuit)[0] not in backend.circuits
+        ]
         if missing:
             raise SteeringError(f"arm {arm.name!r}: unknown circuit(s) {missing}; known: {sorted(backend.circuits)}")
-    results = [run_arm(backend, a, harmful, harmless=harmless, mmlu=mmlu, max_tokens=max_tokens) for a in arms]
+    kl_ref = None
+    if kl is not None and harmless is not None and hasattr(backend, "forced_logprobs"):
+        kl_ref = KLReference.build(backend, harmless, kl)
+    results = [
+        run_arm(backend, a, harmful, harmless=harmless, mmlu=mmlu, max_tokens=max_tokens, kl_ref=kl_ref)
+        for a in arms
+    ]
     baseline = results[0]
     return {
         "settings": {
@@ -158,6 +205,11 @@ def run_ab(
             "max_tokens": max_tokens,
             "decoding": "greedy",
             "judge": "keyword (cna_vllm.evaluate.judge)",
+            "kl": None if kl_ref is None else {
+                "prompts": len(kl_ref.prompts), "tokens": kl.tokens, "set": harmless.name,
+                "definition": "KL(base ‖ steered) in nats, full vocabulary; kl_first: first generated token; "
+                "kl_forced: mean over the baseline's first N greedy tokens (teacher-forced)",
+            },
             **(settings or {}),
         },
         "arms": [r.to_dict(baseline) for r in results],

@@ -2,6 +2,8 @@
 
 Both backends take chat prompts plus one steering spec per call and return texts in
 prompt order, greedy. MMLU uses next-token log-probabilities where the backend has them.
+The in-process engine also returns full-vocabulary next-token log-probabilities along a
+given continuation (:meth:`EngineBackend.forced_logprobs`), for the KL referee.
 """
 
 from __future__ import annotations
@@ -32,14 +34,61 @@ def _messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
+HARNESS_DTYPE = "bfloat16"
+"""Default dtype of the in-process harness (benchmarks/results/harness.json: fastest, agrees with fp32)."""
+HARNESS_COMPILE = True
+"""Default: torch.compile the in-process harness (``enforce_eager=False``)."""
+
+
 class EngineBackend:
-    """An in-process :class:`cna_vllm.engine.llm.SteeredLLM`."""
+    """An in-process :class:`cna_vllm.engine.llm.SteeredLLM` (built with ``max_logprobs=-1`` for the KL referee)."""
 
     def __init__(self, model: str, circuits: Any, **vllm_kwargs: Any) -> None:
         from cna_vllm.engine.llm import SteeredLLM
 
+        vllm_kwargs.setdefault("max_logprobs", -1)
         self.llm = SteeredLLM(model, circuits, **vllm_kwargs)
         self.circuits = {name: c.metadata() for name, c in self.llm.circuits.items()}
+        self.vocab_size = self.llm.llm.llm_engine.model_config.get_vocab_size()
+
+    def chat_ids(self, prompts: Sequence[str], spec: SteeringSpec, max_tokens: int, desc: str) -> list[list[int]]:
+        """Greedy continuations as token ids (the KL referee forces these)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, detokenize=False)
+        outs = self.llm.chat([_messages(p) for p in prompts], params, steering=spec, use_tqdm=True)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def forced_logprobs(
+        self, prompts: Sequence[str], continuations: Sequence[Sequence[int]], spec: SteeringSpec, desc: str,
+        chunk: int = 8,
+    ) -> list:
+        """Full-vocabulary next-token log-probabilities along each continuation, teacher-forced.
+
+        One float32 array ``[len(continuation), vocab]`` per prompt: row r is the distribution of
+        the token after the chat prompt and the first r continuation tokens (row 0: the first
+        generated token). One prefill per prompt with ``prompt_logprobs=-1``, read as arrays
+        (patch P6), ``chunk`` prompts at a time to bound memory.
+        """
+        from vllm import SamplingParams
+
+        from cna_vllm.engine.patches import DENSE_LOGPROBS_KEY
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1, detokenize=False,
+                                flat_logprobs=True, extra_args={DENSE_LOGPROBS_KEY: True})
+        out: list = []
+        items = list(zip(prompts, continuations, strict=True))
+        render = self.llm.render_chat
+        for start in tqdm(range(0, len(items), chunk), desc=desc):
+            batch = [(render(_messages(p))["prompt_token_ids"], list(c)) for p, c in items[start : start + chunk]]
+            res = self.llm.generate([{"prompt_token_ids": ids + cont} for ids, cont in batch], params, steering=spec)
+            for (ids, cont), o in zip(batch, res, strict=True):
+                dense = getattr(o.prompt_logprobs, "cna_dense", None)
+                if dense is None:
+                    raise CnaError("the engine returned no dense prompt log-probabilities (patch P6 not installed?)")
+                # dense row j is the distribution of token j + 1; continuation token r sits at len(ids) + r
+                out.append(dense[len(ids) - 1 : len(ids) - 1 + len(cont), : self.vocab_size])
+        return out
 
     def chat(self, prompts, spec, max_tokens, desc):
         from vllm import SamplingParams

@@ -63,3 +63,21 @@ def quality_robust(text: str, n: int = 8) -> float:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+LENGTH_BUCKETS = ((0, 32), (32, 64), (64, 128), (128, None))
+"""Answer lengths in words for :func:`quality_by_length`."""
+
+
+def quality_by_length(texts: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    """Paper quality per answer-length bucket (words): ``{"0-32": {"n", "quality_paper"}, ...}``.
+
+    Degeneration (loops) shows in long answers first; a mean over all answers hides it.
+    """
+    out: dict[str, dict[str, float | int]] = {}
+    for lo, hi in LENGTH_BUCKETS:
+        sel = [t for t in texts if lo <= len(t.split()) and (hi is None or len(t.split()) < hi)]
+        if sel:
+            key = f"{lo}-{hi if hi is not None else ''}"
+            out[key] = {"n": len(sel), "quality_paper": mean([quality_paper(t) for t in sel])}
+    return out

@@ -22,13 +22,19 @@ def arm_row(arm: dict[str, Any]) -> str:
         f"| `{arm['name']}` | {arm['n']} | {_pct(arm['refusal_rate'])}{_ci(arm['refusal_ci'])} | "
         f"{'—' if p is None else f'{p:.3g}'} | {_pct(arm.get('over_refusal'))}{_ci(arm.get('over_refusal_ci'))} | "
         f"{arm['quality_paper']:.3f} | {arm['quality_robust']:.3f} | "
-        f"{_pct(arm.get('mmlu_accuracy'))}{_ci(arm.get('mmlu_ci'))} |"
+        f"{_pct(arm.get('mmlu_accuracy'))}{_ci(arm.get('mmlu_ci'))} | {_kl(arm.get('kl_first'))} | "
+        f"{_kl(arm.get('kl_forced'))} |"
     )
 
 
+def _kl(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
 TABLE_HEAD = (
-    "| arm | n | refusal [95% CI] | McNemar p | over-refusal | quality (paper) | quality (robust) | MMLU [95% CI] |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| arm | n | refusal [95% CI] | McNemar p | over-refusal | quality (paper) | quality (robust) | MMLU [95% CI] "
+    "| KL first | KL forced |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -44,7 +50,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         TABLE_HEAD,
         *[arm_row(a) for a in report["arms"]],
         "",
-        "Refusal and MMLU intervals are Wilson 95%; McNemar is exact, paired against the baseline.",
+        "Refusal and MMLU intervals are Wilson 95%; McNemar is exact, paired against the baseline. "
+        + (
+            f"KL(base ‖ steered) in nats, full vocabulary, on {s['kl']['prompts']} `{s['kl']['set']}` prompts: "
+            f"at the first generated token, and the mean over the baseline's first {s['kl']['tokens']} greedy "
+            "tokens (teacher-forced)."
+            if s.get("kl")
+            else "KL: not measured (it needs the in-process engine and a harmless set)."
+        ),
         "",
         "## Samples",
     ]
@@ -62,7 +75,7 @@ def plot_ab(report: dict[str, Any], path: str | Path) -> Path:
     arms = report["arms"]
     names = [a["name"] for a in arms]
     xs = range(len(arms))
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 1.6 * len(arms) * 3), 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(max(12, 1.6 * len(arms) * 4), 3.8))
 
     def bars(ax, values, cis, title, color):
         vals = [v if v is not None else 0 for v in values]
@@ -90,4 +103,13 @@ def plot_ab(report: dict[str, Any], path: str | Path) -> Path:
         )
     else:
         axes[2].set_axis_off()
+    if any(a.get("kl_forced") is not None for a in arms):
+        axes[3].bar([x - width / 2 for x in xs], [a.get("kl_first") or 0 for a in arms], width, label="first token")
+        axes[3].bar([x + width / 2 for x in xs], [a.get("kl_forced") or 0 for a in arms], width, label="teacher-forced")
+        axes[3].set_yscale("symlog", linthresh=1e-3)
+        axes[3].set_title("KL(base ‖ steered), harmless, nats")
+        axes[3].legend(fontsize=7)
+        axes[3].set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    else:
+        axes[3].set_axis_off()
     return save_figure(fig, path)

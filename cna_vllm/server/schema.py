@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import MAX_ABS_VALUE, MAX_ITEMS, MODES, SteeringSpec
+from cna_vllm.steering import MAX_ABS_VALUE, MAX_ITEMS, MODES, SteeringSpec, split_part
 
 
 def _finite(value: Any) -> float:
@@ -182,18 +182,19 @@ def parse_steering(
             raise ApiError(str(exc)) from None
     _check_limits(spec, limits)
     for i, item in enumerate(spec.items):
-        if item.circuit not in circuits:
+        base = split_part(item.circuit)[0]  # NAME[part] names a signed part of circuit NAME
+        if base not in circuits:
             param = f"steering[{i}].circuit" if len(spec) > 1 else "steering.circuit"
             known = ", ".join(sorted(circuits)) or "none loaded"
-            if foreign and item.circuit in foreign:
+            if foreign and base in foreign:
                 raise ApiError(
-                    f"circuit {item.circuit!r} belongs to model {foreign[item.circuit]!r}, not to the model "
+                    f"circuit {base!r} belongs to model {foreign[base]!r}, not to the model "
                     f"this server runs; circuits for this model: {known}",
                     param=param,
                     code="circuit_model_mismatch",
                 )
             raise ApiError(
-                f"unknown circuit {item.circuit!r}; circuits for this model: {known}",
+                f"unknown circuit {base!r}; circuits for this model: {known}",
                 param=param,
                 code="unknown_circuit",
             )

@@ -59,3 +59,17 @@ def test_names_and_modes_are_checked_against_the_catalogue():
 def test_negative_zero_is_zero():
     a, b = SteeringSpec.parse("refusal@-0.0"), SteeringSpec.parse("refusal@0")
     assert a.fingerprint() == b.fingerprint() and compose_salt(a, None) == compose_salt(b, None)
+
+
+def test_signed_parts_pass_intake_and_empty_or_vector_parts_are_refused():
+    catalogue = {"refusal": {"kind": "cna", "parts": {"pos": 3, "neg": 0, "up": 2, "down": 1}},
+                 "refusal-caa": {"kind": "caa"}}
+    req = request("refusal[pos]@0")
+    check_request(None, req, circuits=catalogue)
+    want = [{"circuit": "refusal[pos]", "mode": "scale", "multiplier": 0.0}]
+    assert req.sampling_params.extra_args["steering"] == want
+    assert req.cache_salt != check(request("refusal@0")).cache_salt
+    for bad, match in (("refusal[neg]@0", "no neurons"), ("refusal-caa[pos]@1:shift", "no signed parts"),
+                       ("refusal[x]@0", "unknown part")):
+        with pytest.raises(SteeringError, match=match):
+            check_request(None, request(bad), circuits=catalogue)

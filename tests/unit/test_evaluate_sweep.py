@@ -54,3 +54,40 @@ def test_without_a_winner_the_closest_safe_arm_is_named_plainly():
     assert summary["recommended"] is None and summary["closest"]["arm"] == "c@2"
     rec = recommendation(summary, "m")
     assert rec["spec"] == "c@2" and not rec["meets_target"] and "no setting met the target" in rec["note"]
+
+
+def test_grid_covers_parts_modes_and_both_signs_with_caa_at_matched_strength():
+    from cna_vllm.evaluate.sweep import grid_arms
+
+    arms = grid_arms(["c"], ["all", "pos"], ["scale", "patch", "shift"], [0.5, 1], vectors=["v"])
+    names = [a.name for a in arms]
+    assert names[0] == "baseline" and len(names) == len(set(names))
+    # 2 parts x 3 modes x 4 strengths (±0.5, ±1) + CAA at the same 4 strengths
+    assert len(names) == 1 + 2 * 3 * 4 + 4
+    assert {"c@0", "c@2", "c@0.5", "c@1.5", "c[pos]@0", "c[pos]@2"} <= set(names)  # scale: m = 1 − α
+    assert {"c@-1:patch", "c@1:patch", "c[pos]@-0.5:shift", "v@-1:shift", "v@0.5:shift"} <= set(names)
+    assert {strength(a.spec.items[0]) for a in arms[1:]} == {-1, -0.5, 0.5, 1}
+    one_sign = grid_arms(["c"], ["neg"], ["shift"], [1], both_signs=False, vectors=["v"], vector_alphas=[0.25])
+    assert [a.name for a in one_sign] == ["baseline", "c[neg]@1:shift", "v@0.25:shift"]
+
+
+def test_kl_ceiling_and_neuron_spec_in_the_recommendation():
+    report = {
+        "arms": [
+            arm("baseline", None, 0.4),
+            arm("c[pos]@2", "c[pos]@2", 0.1) | {"kl_forced": 0.5},  # misses: KL above the ceiling
+            arm("c[neg]@2", "c[neg]@2", 0.15) | {"kl_forced": 0.01},  # meets: the neuron spec
+            arm("v@0.5:shift", "v@0.5:shift", 0.1, kind="caa") | {"kl_forced": 0.01},  # meets, smaller |α|
+        ]
+    }
+    report["arms"][2]["circuits"] = {"c[neg]": {"kind": "cna", "num_neurons": 100}}
+    summary = summarise(report, Target(max_kl=0.1))
+    by = {r["arm"]: r for r in summary["rows"]}
+    assert by["c[pos]@2"]["misses"] == ["KL 0.500 > 0.1"] and by["c[pos]@2"]["part"] == "pos"
+    assert summary["recommended"]["arm"] == "v@0.5:shift"
+    assert summary["neuron_recommended"]["arm"] == "c[neg]@2"
+    rec = recommendation(summary, "m")
+    assert rec["spec"] == "v@0.5:shift" and rec["meets_target"] and rec["kl_forced"] == 0.01
+    assert rec["neuron_spec"] == "c[neg]@2" and rec["neuron"]["meets_target"] and rec["neuron"]["kl_forced"] == 0.01
+    assert SteeringSpec.parse(rec["neuron_spec"])  # `cna-vllm ab --arms` takes it as is
+    assert summarise(report, Target(max_kl=None))["rows"][0]["meets_target"]

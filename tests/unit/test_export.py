@@ -214,3 +214,19 @@ def test_cli(qwen, tmp_path, capsys):
     assert "cna-vllm export: error: --out" in capsys.readouterr().err
     assert main([*args[:1], "c@1:shift", *args[2:], "--overwrite"]) == 2
     assert "cna-vllm export: error: cannot export 'c@1:shift' as a LoRA adapter" in capsys.readouterr().err
+
+
+def test_a_signed_part_exports_like_a_circuit_of_only_its_neurons(qwen, tmp_path):
+    from dataclasses import replace
+
+    model, circuits = qwen
+    part = load_dir(circuits)["c"].part("pos")
+    only_dir = tmp_path / "only"
+    replace(part, name="only").save(only_dir / "only.safetensors")
+    a = export("c[pos]@3", model, circuits, tmp_path / "a", format="merged")
+    b = export("only@3", model, only_dir, tmp_path / "b", format="merged")
+    assert a.layers == b.layers and 0 < sum(a.layers.values()) < len(C_KEYS)
+    with safe_open(str(a.out / "model.safetensors"), "pt") as fa, \
+            safe_open(str(b.out / "model.safetensors"), "pt") as fb:
+        for key in fa.keys():  # noqa: SIM118
+            assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key

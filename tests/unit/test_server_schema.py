@@ -125,3 +125,23 @@ def test_echo_and_salt():
     assert salt and len(salt) <= 128 and not set(salt) & set("@/\\\0")  # vLLM's cache_salt rules
     assert parse("refusal@0,other@0.5:patch").cache_salt() == salt
     assert parse({"circuit": "refusal", "multiplier": 0.1}).cache_salt() != parse("refusal@0").cache_salt()
+
+
+def test_signed_parts_through_the_http_field():
+    from cna_vllm.circuit import Circuit
+
+    refusal = Circuit(name="refusal", layers=[0, 1], neurons=[3, 4], score=[2.0, 1.0], mean_pos=[2.0, 0.0],
+                      mean_neg=[0.0, 1.0])
+    circuits = {"refusal": refusal}
+    spec = parse_steering({"circuit": "refusal[pos]", "multiplier": 0}, LIMITS, circuits)
+    assert echo(spec) == "refusal[pos]@0" and spec.to_rows(circuits)[0][0].tolist() == [3] and 1 not in spec.to_rows(
+        circuits)
+    with pytest.raises(ApiError) as info:
+        parse_steering("nope[pos]@0", LIMITS, circuits)
+    assert info.value.code == "unknown_circuit" and "'nope'" in info.value.message
+    with pytest.raises(ApiError) as info:
+        parse_steering("refusal[harm]@0", LIMITS, circuits)
+    assert info.value.status == 400 and "unknown part 'harm'" in info.value.message
+    with pytest.raises(ApiError) as info:
+        parse_steering("qwen-only[pos]@0", LIMITS, circuits, foreign={"qwen-only": "q"})
+    assert info.value.code == "circuit_model_mismatch"

@@ -120,8 +120,10 @@ async function loadCatalog() {
   updateCopy();
 }
 
+/** The catalogue entry of a circuit name, or of the circuit whose signed part NAME[part] names. */
 function circuitInfo(id) {
-  return state.circuits.find((c) => c.id === id);
+  const base = id.replace(/\[(pos|neg|up|down)\]$/, "");
+  return state.circuits.find((c) => c.id === base && (base === id || c.kind !== "caa"));
 }
 
 // --------------------------------------------------------------------------- steering editor
@@ -232,13 +234,15 @@ function refreshItem(item) {
   const mode = $(".mode", item.el);
   const wanted = circuit.value || item.initial?.circuit || "";
   circuit.replaceChildren(
-    ...state.circuits.map((c) => {
+    ...state.circuits.flatMap((c) => {
       const opt = new Option(c.kind === "caa" ? `${c.id} (CAA)` : c.id, c.id);
       opt.title = c.description ?? "";
-      return opt;
+      // signed parts: NAME[pos] / [neg] (which set drives a neuron harder), [up] / [down] (sign of δ)
+      const parts = Object.entries(c.kind === "caa" ? {} : c.parts ?? {}).filter(([, n]) => n > 0);
+      return [opt, ...parts.map(([p, n]) => new Option(`${c.id}[${p}] (${n} neurons)`, `${c.id}[${p}]`))];
     }),
   );
-  if (wanted && !state.circuits.some((c) => c.id === wanted)) circuit.add(new Option(`${wanted} (not on this server)`, wanted));
+  if (wanted && !circuitInfo(wanted)) circuit.add(new Option(`${wanted} (not on this server)`, wanted));
   circuit.value = wanted || state.circuits[0]?.id || "";
   const info = circuitInfo(circuit.value);
   const modes = info?.modes ?? ["scale", "patch", "shift"];
