@@ -157,7 +157,10 @@ def test_page_is_open_and_the_key_unlocks_the_catalogue(browser, server):
     expect(page.locator("#catalog-status")).to_have_attribute("data-kind", "ok")
     expect(page.locator("#model-name")).to_have_text(MODEL)
     options = item(page).locator("select.circuit option")
-    assert sorted(options.evaluate_all("os => os.map(o => o.value)")) == ["refusal", "refusal-caa"]
+    # circuits and the signed parts of each neuron circuit (issue #10); vector sets have none
+    assert sorted(options.evaluate_all("os => os.map(o => o.value)")) == [
+        "refusal", "refusal-caa", "refusal[down]", "refusal[neg]", "refusal[pos]", "refusal[up]"
+    ]
     # Bounds come from the catalogue's limits.
     limits = httpx.get(f"{server}/v1/circuits", headers=AUTH).json()["limits"]
     assert item(page).locator("input.strength-range").get_attribute("max") == f"{limits['max_abs_multiplier']:g}"
