@@ -84,6 +84,17 @@ def _check_hot_load(state: Any, what: str) -> None:
         )
 
 
+async def _admin_request(request: Request, model: type[BaseModel], what: str) -> tuple[Any, Any]:
+    """``(server state, validated body)`` for an admin route behind ``--enable-hot-load``."""
+    state = _state(request)
+    try:
+        body = model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise _body_error(exc) from None
+    _check_hot_load(state, what)
+    return state, body
+
+
 def _body_error(exc: ValidationError) -> ApiError:
     first = exc.errors(include_url=False)[0]
     param = ".".join(str(p) for p in first["loc"]) or None
@@ -100,12 +111,7 @@ def _lora_names(request: Request) -> set[str]:
 async def add_steered_model(request: Request) -> JSONResponse:
     """Add a steered variant (``model=NAME`` -> base model + spec) to the running server."""
     try:
-        state = _state(request)
-        try:
-            body = SteeredModelRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise _body_error(exc) from None
-        _check_hot_load(state, "adding steered models")
+        state, body = await _admin_request(request, SteeredModelRequest, "adding steered models")
         if body.steering is None:
             raise ApiError("a steered model needs a non-empty steering spec", code="invalid_steering")
         spec = parse_steering(body.steering, state.limits, state.catalog.circuits, foreign=state.catalog.foreign)
@@ -138,12 +144,7 @@ async def add_steered_model(request: Request) -> JSONResponse:
 async def load_circuit(request: Request) -> JSONResponse:
     """Add a server-side circuit file (neuron circuit or CAA vectors) to the running engine."""
     try:
-        state = _state(request)
-        try:
-            body = HotLoadRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise _body_error(exc) from None
-        _check_hot_load(state, "loading circuits")
+        state, body = await _admin_request(request, HotLoadRequest, "loading circuits")
         async with state.hot_load_lock:
             circuit, entry, loaded = await asyncio.to_thread(  # file I/O off the event loop
                 state.catalog.check_hot_load, body.path, state.hot_load_roots
