@@ -33,10 +33,10 @@ CONFIGS = [("float32", False), ("bfloat16", False), ("float32", True), ("bfloat1
 
 def run_one(args: argparse.Namespace) -> None:
     """Child: one configuration; writes its figures (and, for the reference, its continuations)."""
+    from cna_vllm.embedded import model_alias
     from cna_vllm.evaluate.backends import EngineBackend
     from cna_vllm.evaluate.judge import is_refusal
     from cna_vllm.evaluate.metrics import mean, quality_paper
-    from cna_vllm.models import model_alias
     from cna_vllm.prompts import load_prompts
     from cna_vllm.steering import SteeringSpec
 

@@ -35,7 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cna_vllm.models import SMALL_MODEL, ModelIdentity, resolve_model  # noqa: E402
+from cna_vllm.embedded import SMALL_MODEL, resolve_model  # noqa: E402
+from cna_vllm.identity import ModelIdentity  # noqa: E402
 
 
 def timeit(fn: Any, setup: Any = None, iters: int = 200) -> dict[str, float]:
@@ -60,15 +61,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/hot_path.json")
     args = ap.parse_args()
 
-    from cna_vllm.engine.state import SteeringState, spec_of
-    from cna_vllm.server.app import REPO_CIRCUITS
-    from cna_vllm.vectors import load_any
+    from cna_vllm import sources
+    from cna_vllm.engine.row_table import SteeringState
+    from cna_vllm.steering import SteeringSpec
 
     torch.set_num_threads(1)
     model_dir = resolve_model(args.model)
     ident = ModelIdentity.from_dir(model_dir)
-    circuits = {p.stem: load_any(p) for p in sorted((REPO_CIRCUITS / args.model).glob("*.safetensors"))}
-    circuits = {c.name: c for c in circuits.values()}
+    circuits = sources.load_dir(sources.REPO_CIRCUITS / args.model)
     neuron_circuit = next(n for n, c in circuits.items() if getattr(c, "kind", "cna") != "caa")
 
     def fresh() -> SteeringState:
@@ -126,7 +126,7 @@ def main() -> None:
 
     def new_row(_: Any) -> None:  # first request of a spec no running request has: its row is written
         k["n"] += 1
-        rows.release(rows.acquire(spec_of(params(k["n"]))))
+        rows.release(rows.acquire(SteeringSpec.from_params(params(k["n"]))))
 
     cases["acquire_new_row"] = timeit(new_row, iters=100)
     idle = fresh()

@@ -38,7 +38,7 @@ def make_prompts(n: int) -> list[str]:
 
 def make_circuits(model_dir: Path, k: int, count: int = 8) -> dict:
     from cna_vllm.circuit import Circuit
-    from cna_vllm.models import ModelIdentity
+    from cna_vllm.identity import ModelIdentity
 
     ident = ModelIdentity.from_dir(model_dir)
     out = {}
@@ -110,9 +110,9 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    from cna_vllm.embedded import resolve_model
     from cna_vllm.engine.llm import SteeredLLM
-    from cna_vllm.models import ModelIdentity, resolve_model
-
+    from cna_vllm.identity import ModelIdentity
     model_dir = resolve_model(args.model)
     ident = ModelIdentity.from_dir(model_dir)
     k = args.circuit_size or max(1, ident.num_layers * ident.intermediate_size // 1000)

@@ -53,7 +53,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cna_vllm.models import SMALL_MODEL, model_alias, resolve_model  # noqa: E402
+from cna_vllm.embedded import SMALL_MODEL, model_alias, resolve_model  # noqa: E402
 
 CIRCUIT = "refusal"
 PLUGIN_ARMS = ("unsteered", "one_spec", "specs8", "specs64", "mixed")
@@ -284,15 +284,19 @@ def middleware_cost(alias: str, iters: int = 400) -> dict[str, Any]:
     """
     from types import SimpleNamespace
 
-    from cna_vllm.engine.llm import SpecGate, engine_kwargs
-    from cna_vllm.server.app import REPO_CIRCUITS, ServerState
+    from cna_vllm.engine.admission import SpecGate
+    from cna_vllm.engine.config import engine_kwargs
     from cna_vllm.server.catalog import Catalog
     from cna_vllm.server.metrics import metrics
     from cna_vllm.server.middleware import SteeringMiddleware
-    from cna_vllm.server.schema import SteeringLimits
+    from cna_vllm.server.state import ServerState
+    from cna_vllm.sources import REPO_CIRCUITS
+    from cna_vllm.steering import SteeringLimits
 
     kw, _ = engine_kwargs(alias, REPO_CIRCUITS / alias)
-    catalog = Catalog.from_additional_config(kw["additional_config"], kw["model"], alias, REPO_CIRCUITS)
+    engine = SimpleNamespace(instance_id="serve-bench", additional_config=kw["additional_config"],
+                             model_config=SimpleNamespace(model=kw["model"]))
+    catalog = Catalog.from_engine(engine, alias, REPO_CIRCUITS)
     state = ServerState(catalog, SteeringLimits(), SpecGate(catalog.capacity), metrics())
     app = SimpleNamespace(state=SimpleNamespace(cna_steering=state))
 

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cna_vllm.circuit import Circuit  # noqa: E402
-from cna_vllm.models import SMALL_MODEL  # noqa: E402
+from cna_vllm.embedded import SMALL_MODEL  # noqa: E402
 
 KEY = "sk-soak"
 AUTH = {"Authorization": f"Bearer {KEY}"}

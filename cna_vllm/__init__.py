@@ -3,7 +3,8 @@
 from typing import Any
 
 from cna_vllm.circuit import Circuit
-from cna_vllm.models import DEFAULT_MODEL, SMALL_MODEL, ModelIdentity, resolve_model
+from cna_vllm.embedded import DEFAULT_MODEL, SMALL_MODEL, resolve_model
+from cna_vllm.identity import ModelIdentity
 from cna_vllm.steering import SteeringSpec
 
 __all__ = [

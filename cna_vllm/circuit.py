@@ -14,10 +14,9 @@ mean_pos   float32 mean activation over the positive prompt set
 mean_neg   float32 mean activation over the negative prompt set
 ========== ======= ==================================================
 
-Everything else lives in the safetensors string metadata: ``format`` and
-``format_version`` at the top level, and one JSON document under ``cna_vllm`` holding
-the name, behaviour, model identity, discovery parameters, per-layer counts, creation
-time and tool version.
+Everything else lives in the container's metadata (:mod:`cna_vllm.fileformat`): the name,
+behaviour, model identity, discovery parameters, per-layer and per-part counts, creation
+time and tool version. Finding and reading files of either kind is :mod:`cna_vllm.sources`.
 """
 
 from __future__ import annotations
@@ -27,15 +26,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
 from cna_vllm.errors import CircuitError
-from cna_vllm.models import ModelIdentity
-
-if TYPE_CHECKING:
-    from cna_vllm.vectors import VectorSet
+from cna_vllm.fileformat import SourceFile, read_file, tool_version, write_file
+from cna_vllm.identity import ModelIdentity
 
 PARTS: dict[str, str] = {
     "pos": "|μ⁺| > |μ⁻|: driven harder by the positive set (for refusal: harm-active)",
@@ -51,8 +48,6 @@ SIGN_CONVENTION = (
 )
 """Recorded in every discovered circuit's metadata."""
 
-FORMAT = "cna-vllm/circuit"
-FORMAT_VERSION = 1
 TENSORS: dict[str, np.dtype] = {
     "layers": np.dtype(np.int32),
     "neurons": np.dtype(np.int32),
@@ -62,17 +57,8 @@ TENSORS: dict[str, np.dtype] = {
 }
 
 
-def tool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("cna-vllm")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 @dataclass(frozen=True, eq=False)
-class Circuit:
+class Circuit(SourceFile):
     """A set of ``(layer, neuron)`` pairs with discovery statistics and metadata."""
 
     kind: ClassVar[str] = "cna"
@@ -164,27 +150,9 @@ class Circuit:
                 f"circuit {self.name!r} lists {len(dups)} (layer, neuron) pair(s) twice, e.g. {dups[0]}"
             )
 
-    def validate_for(
-        self, model: ModelIdentity | str | Path, *, check_fingerprint: bool = True
-    ) -> Circuit:
-        """Raise :class:`CircuitError` unless this circuit fits ``model``; return self.
+    _dims: ClassVar[tuple[str, ...]] = ("num_layers", "intermediate_size", "hidden_size")
 
-        ``model`` is a :class:`ModelIdentity` or an HF model directory.
-        """
-        ident = model if isinstance(model, ModelIdentity) else ModelIdentity.from_dir(model)
-        if self.model is not None:
-            for dim in ("num_layers", "intermediate_size", "hidden_size"):
-                mine, theirs = getattr(self.model, dim), getattr(ident, dim)
-                if mine != theirs:
-                    raise CircuitError(
-                        f"circuit {self.name!r} was made for another model: its {dim} is {mine}, "
-                        f"the model's is {theirs}"
-                    )
-            if check_fingerprint and self.model.fingerprint != ident.fingerprint:
-                raise CircuitError(
-                    f"circuit {self.name!r} was made for another model: weights fingerprint "
-                    f"{self.model.fingerprint} != {ident.fingerprint} (same shape, different weights)"
-                )
+    def _check_fit(self, ident: ModelIdentity) -> None:
         if self.layers.max() >= ident.num_layers:
             raise CircuitError(
                 f"circuit {self.name!r}: layer index {int(self.layers.max())} is out of range "
@@ -195,7 +163,6 @@ class Circuit:
                 f"circuit {self.name!r}: neuron index {int(self.neurons.max())} is out of range "
                 f"for intermediate size {ident.intermediate_size}"
             )
-        return self
 
     # ------------------------------------------------------------------ set operations
     def _combine(self, other: Circuit, keep: set[tuple[int, int]], name: str) -> Circuit:
@@ -246,16 +213,10 @@ class Circuit:
     # ------------------------------------------------------------------ file format
     def metadata(self) -> dict:
         return {
-            "kind": "cna",
-            "name": self.name,
-            "description": self.description,
-            "model": self.model.to_dict() if self.model else None,
-            "discovery": self.discovery,
+            **self._common_metadata(),
             "num_neurons": len(self),
             "layer_counts": {str(k): v for k, v in self.layer_counts().items()},
             "parts": self.part_counts(),
-            "created_at": self.created_at,
-            "tool_version": self.version,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -263,14 +224,20 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> Circuit:
-        """Read and strictly check a circuit file; validate it for ``model`` if given."""
+        """Read and strictly check a neuron-circuit file; validate it for ``model`` if given."""
         path = Path(path)
-        meta, tensors = read_file(path)
+        return cls.from_file(path, *read_file(path), model=model)
+
+    @classmethod
+    def from_file(
+        cls, path: Path, meta: dict, tensors: dict[str, np.ndarray], model: ModelIdentity | str | Path | None = None
+    ) -> Circuit:
+        """The circuit in an already read file (see :func:`cna_vllm.sources.load`)."""
         kind = meta.get("kind", "cna")
         if kind != "cna":
             raise CircuitError(
                 f"{path} holds {kind!r} steering vectors, not a neuron circuit; load it with "
-                "cna_vllm.vectors.VectorSet.load (or cna_vllm.vectors.load_any)"
+                "cna_vllm.sources.load (any kind) or cna_vllm.vectors.VectorSet.load"
             )
         for key, dtype in TENSORS.items():
             if key not in tensors:
@@ -278,15 +245,7 @@ class Circuit:
             if tensors[key].dtype != dtype:
                 raise CircuitError(f"{path}: tensor {key!r} is {tensors[key].dtype}, expected {dtype}")
         try:
-            circuit = cls(
-                name=meta["name"],
-                model=ModelIdentity(**meta["model"]) if meta.get("model") else None,
-                description=meta.get("description", ""),
-                discovery=meta.get("discovery", {}),
-                created_at=meta.get("created_at", ""),
-                version=meta.get("tool_version", ""),
-                **{key: tensors[key] for key in TENSORS},
-            )
+            circuit = cls(**cls._common_fields(meta), **{key: tensors[key] for key in TENSORS})
         except CircuitError as exc:
             raise CircuitError(f"{path}: {exc}") from exc
         except (KeyError, TypeError) as exc:
@@ -326,64 +285,3 @@ class Circuit:
                 f"{self.mean_pos[i]:>10.4f} {self.mean_neg[i]:>10.4f}"
             )
         return "\n".join(lines)
-
-
-def write_file(path: str | Path, tensors: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write a cna-vllm circuit file (any kind): tensors plus the versioned JSON metadata."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "cna_vllm": json.dumps(meta, sort_keys=True)}
-    save_file(tensors, str(path), metadata=header)
-    return path
-
-
-def read_file(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(metadata JSON, tensors)`` of a cna-vllm circuit file of any kind, format checked."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CircuitError(f"circuit file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise CircuitError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if header.get("format") != FORMAT:
-        raise CircuitError(f"{path} is not a cna-vllm circuit (format={header.get('format')!r})")
-    if header.get("format_version") != str(FORMAT_VERSION):
-        raise CircuitError(
-            f"{path} has format version {header.get('format_version')!r}; this cna-vllm reads version {FORMAT_VERSION}"
-        )
-    try:
-        meta = json.loads(header["cna_vllm"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise CircuitError(f"{path} has missing or malformed metadata: {exc!r}") from exc
-    if not isinstance(meta, dict):
-        raise CircuitError(f"{path} has malformed metadata (not a JSON object)")
-    return meta, tensors
-
-
-def load_dir(
-    directory: str | Path, model: ModelIdentity | str | Path | None = None
-) -> dict[str, Circuit | VectorSet]:
-    """Load every ``*.safetensors`` circuit file (neuron circuits and CAA vectors) in a directory, by name."""
-    return {name: circuit for name, (_, circuit) in scan_dir(directory, model).items()}
-
-
-def scan_dir(
-    directory: str | Path, model: ModelIdentity | str | Path | None = None
-) -> dict[str, tuple[Path, Circuit | VectorSet]]:
-    """``{name: (file, circuit)}`` for every ``*.safetensors`` circuit file in a directory."""
-    from cna_vllm.vectors import load_any
-
-    out: dict[str, tuple[Path, Circuit | VectorSet]] = {}
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        circuit = load_any(path, model)
-        if circuit.name in out:
-            raise CircuitError(f"two circuits in {directory} are named {circuit.name!r}")
-        out[circuit.name] = (path.resolve(), circuit)
-    return out

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from cna_vllm.embedded import DEFAULT_MODEL, EMBEDDED
 from cna_vllm.errors import CnaError
-from cna_vllm.models import DEFAULT_MODEL, EMBEDDED
 
 REPO_CIRCUITS = Path(__file__).resolve().parent.parent / "circuits"
 
@@ -22,7 +22,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
-    from cna_vllm.models import prepare_model
+    from cna_vllm.embedded import prepare_model
 
     if args.name != "all":
         print(prepare_model(args.name, progress=not args.quiet))
@@ -35,11 +35,11 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from cna_vllm.vectors import load_any
+    from cna_vllm.sources import load as load_any
 
     circuit = load_any(args.file)
     if args.model:
-        from cna_vllm.models import resolve_model
+        from cna_vllm.embedded import resolve_model
 
         circuit.validate_for(resolve_model(args.model))
         print(f"valid for {args.model}")
@@ -53,7 +53,8 @@ def cmd_discover(args: argparse.Namespace) -> None:
     import resource
 
     from cna_vllm.discover import DiscoveryConfig, discover, load_hf_model
-    from cna_vllm.models import ModelIdentity, model_alias, resolve_model
+    from cna_vllm.embedded import model_alias, resolve_model
+    from cna_vllm.identity import ModelIdentity
     from cna_vllm.plots import plot_layer_counts
     from cna_vllm.prompts import load_prompts
 
@@ -111,7 +112,7 @@ def _backend(args: argparse.Namespace, circuits=None):
 
     if args.base_url:
         return ServerBackend(args.base_url, args.served_model, api_key=args.api_key, concurrency=args.concurrency)
-    from cna_vllm.models import model_alias
+    from cna_vllm.embedded import model_alias
 
     circuits = circuits or args.circuits or REPO_CIRCUITS / model_alias(args.model)
     if hasattr(os, "sched_getaffinity"):  # offline: the engine may use every core (vLLM keeps one back)
@@ -186,8 +187,8 @@ def _sweep_circuits(args: argparse.Namespace) -> tuple[dict, list[str]]:
         circuits.update(derived)
         names = list(derived) + names
     if circuits:
-        from cna_vllm.circuit import load_dir
-        from cna_vllm.models import model_alias
+        from cna_vllm.embedded import model_alias
+        from cna_vllm.sources import load_dir
 
         base_dir = args.circuits or REPO_CIRCUITS / model_alias(args.model)
         circuits = {**load_dir(base_dir), **circuits}
@@ -327,8 +328,8 @@ def cmd_overlap(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from cna_vllm.embedded import model_alias
     from cna_vllm.export import export
-    from cna_vllm.models import model_alias
 
     circuits = args.circuits or REPO_CIRCUITS / model_alias(args.model)
     result = export(args.spec, args.model, circuits, args.out, format=args.format, overwrite=args.overwrite)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cna_vllm.circuit import SIGN_CONVENTION, Circuit
 from cna_vllm.errors import CnaError
-from cna_vllm.models import ModelIdentity
+from cna_vllm.identity import ModelIdentity
 from cna_vllm.prompts import PromptSet
 
 Scoring = Literal["delta", "effect_size"]

@@ -20,7 +20,15 @@ class PromptSetError(CnaError, ValueError):
 
 
 class SteeringError(CnaError, ValueError):
-    """A steering request is invalid (unknown circuit, bad number, bad mode...)."""
+    """A steering request is invalid (unknown circuit, bad number, bad mode...).
+
+    ``param`` names the part of the request it is about (``steering[1].multiplier``) and
+    ``code`` is the machine-readable reason; the server maps both into its error body.
+    """
+
+    def __init__(self, message: str, *, param: str | None = "steering", code: str = "invalid_steering") -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class ExportError(CnaError, ValueError):

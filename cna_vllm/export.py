@@ -13,7 +13,7 @@ Every neuron item is the map ``a ← s·a + b`` on the input of ``down_proj`` (s
   A LoRA (``B·A·x``, linear in x) cannot add a constant, so ``peft-lora`` refuses them;
   ``merged`` folds them into ``down_proj.bias`` where the checkpoint has one, else refuses.
 
-Composition of items is :meth:`SteeringSpec.to_rows`'s, the same the engine uses.
+Composition of items is :func:`cna_vllm.rows.to_rows`'s, the same the engine uses.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from cna_vllm.circuit import Circuit, scan_dir, tool_version
+from cna_vllm.circuit import Circuit
+from cna_vllm.embedded import PREPARED_MARKER, resolve_model
 from cna_vllm.errors import ExportError
-from cna_vllm.models import PREPARED_MARKER, ModelIdentity, resolve_model
+from cna_vllm.fileformat import tool_version
+from cna_vllm.identity import ModelIdentity
+from cna_vllm.rows import to_offsets, to_rows
+from cna_vllm.sources import file_sha256, scan_dir
 from cna_vllm.steering import SteeringSpec, is_vector_set, resolve, split_part
 from cna_vllm.vectors import VectorSet
 
@@ -177,7 +181,7 @@ def _load(
 
 def _edits(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> dict[int, _LayerEdit]:
     """Per layer, what the spec changes; refuse a spec that changes nothing."""
-    rows, offsets = spec.to_rows(circuits), spec.to_offsets(circuits)
+    rows, offsets = to_rows(spec, circuits), to_offsets(spec, circuits)
     edits: dict[int, _LayerEdit] = {}
     for layer in sorted(set(rows) | set(offsets)):
         idx, s, b = rows.get(layer, (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)))
@@ -240,8 +244,6 @@ def _metadata(
     format: str,
     edits: Mapping[int, _LayerEdit],
 ) -> dict[str, Any]:
-    from cna_vllm.engine.state import file_sha256
-
     return {
         "format": "cna-vllm/export",
         "format_version": 1,

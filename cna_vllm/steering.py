@@ -1,7 +1,8 @@
 """The steering spec: what one request asks the engine to do to its MLP neurons.
 
-A spec is an ordered list of items, each naming a circuit and one of three modes. Every
-mode is the per-neuron affine map ``a ← s·a + b`` applied to the input of ``down_proj``:
+A spec is an ordered list of items, each naming a source (circuit or CAA vector set) and
+one of three modes. Every mode is the per-neuron affine map ``a ← s·a + b`` applied to the
+input of ``down_proj`` (:mod:`cna_vllm.rows` turns a spec into those rows):
 
 ======= ========================= ============================ ================
 mode    value                     map                          (s, b)
@@ -11,26 +12,23 @@ patch   ``alpha`` α               a ← (1−α)·a + α·μ⁻           (1−
 shift   ``alpha`` α               a ← a − α·δ, δ = μ⁺ − μ⁻     (1, −α·δ)
 ======= ========================= ============================ ================
 
-**CAA vectors.** An item may also name a :class:`~cna_vllm.vectors.VectorSet` (kind
-``caa``). Its only mode is ``shift``: layer l's MLP output gets ``−α·v_l`` added at every
-token, with ``v`` the positive-minus-negative mean difference, so that α > 0 moves away
-from the positive set as ``shift`` does for neurons. Vector items add up.
+A CAA vector set takes ``shift`` only: layer l's MLP output gets ``−α·v_l`` added.
+Items apply in order; where two touch one neuron their maps compose. An item may name a
+signed part, ``NAME[part]`` (:data:`PART_NAMES`, see :data:`cna_vllm.circuit.PARTS`).
 
-**Composition.** Items apply in the listed order. Where two items touch the same neuron
-the maps compose: after ``(s1, b1)`` then ``(s2, b2)`` the neuron holds
-``s2·(s1·a + b1) + b2``, i.e. ``(s2·s1, s2·b1 + b2)``. Order matters only for neurons
-that more than one item touches (e.g. ``scale`` then ``shift`` differs from the reverse).
+This module owns the two checks a spec passes, each once per process:
 
-**Signed parts.** An item's circuit may be ``NAME[part]``: only the neurons of circuit
-``NAME`` in that signed part (:data:`cna_vllm.circuit.PARTS`): ``pos`` (|μ⁺| > |μ⁻|, driven
-harder by the positive set), ``neg`` (the rest), ``up`` (δ > 0) or ``down`` (δ ≤ 0). E.g.
-``refusal[pos]@0`` ablates the harm-active neurons of ``refusal``. The part is selected
-when the spec is turned into rows, so the engine only sees a smaller neuron set.
+1. :meth:`SteeringSpec.parse`: syntax and bounds (:class:`SteeringLimits`). ``strict=True``
+   is the JSON-body form of the HTTP field (numbers must be JSON numbers; no empty list,
+   empty string or JSON inside a string); the default also takes JSON text, numeric
+   strings, compact item strings and ``None``/``""``/``[]`` for "not steered".
+2. :meth:`SteeringSpec.validate`: names, parts and modes against a catalogue of sources.
 
-Accepted inputs to :meth:`SteeringSpec.parse`: ``None``/``""``/``[]`` (no steering), a
-spec, one item dict, a list of item dicts, JSON text of either, or the compact string
-``NAME@VALUE[:mode][,NAME@VALUE[:mode]...]`` where VALUE is m for ``scale`` (the default
-mode) and α for the other modes. This module does not import vLLM.
+Every error is a :class:`~cna_vllm.errors.SteeringError` naming its ``param`` and ``code``.
+A spec travels in one wire form, :meth:`SteeringSpec.to_wire` (canonical JSON text in
+``SamplingParams.extra_args["steering"]``), read back by :meth:`SteeringSpec.from_params`
+(memoised per process); its fingerprint is computed once and keys the cache salt.
+This module does not import vLLM.
 """
 
 from __future__ import annotations
@@ -39,40 +37,53 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from cna_vllm.errors import SteeringError
 
-if TYPE_CHECKING:
-    from cna_vllm.circuit import Circuit
-    from cna_vllm.vectors import VectorSet
-
 MODES: dict[str, str] = {"scale": "multiplier", "patch": "alpha", "shift": "alpha"}
 """Each mode and the name of the number it takes."""
-MAX_ABS_VALUE = 100.0
-"""Bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
-MAX_ITEMS = 16
-SALT_PREFIX = "cna-steer-"
-"""Reserved cache-salt prefix: only steered requests carry it (see :mod:`cna_vllm.engine.intake`)."""
-
 VECTOR_MODES = ("shift",)
 """The modes a CAA vector set takes."""
-
-LayerRows = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
-"""``{layer: (neuron_idx int64 ascending, s float32, b float32)}``."""
-LayerOffsets = dict[int, np.ndarray]
-"""``{layer: float32 [hidden]}``, added to the layer's MLP output."""
-
-
+MAX_ABS_VALUE = 100.0
+"""The engine's bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
+MAX_ITEMS = 16
+MAX_NAME = 128
+SALT_PREFIX = "cna-steer-"
+"""Reserved cache-salt prefix: only steered requests carry it."""
 PART_NAMES = ("pos", "neg", "up", "down")
-"""The signed parts a spec may select with ``NAME[part]`` (see :data:`cna_vllm.circuit.PARTS`)."""
+"""The signed parts a spec may select with ``NAME[part]``."""
 _PART_RE = re.compile(r"^([^\[\]]+)\[([^\[\]]*)\]$")
+_SHAPES = "a list of items {circuit, multiplier|alpha, mode}, one such item, or a string 'NAME@VALUE[:mode]'"
 
 
+@dataclass(frozen=True)
+class SteeringLimits:
+    """Bounds on a spec: item count and |value| per number (a server may set them tighter)."""
+
+    max_items: int = 8
+    max_abs_multiplier: float = 20.0
+    max_abs_alpha: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_items <= MAX_ITEMS:
+            raise ValueError(f"max_items must lie in [1, {MAX_ITEMS}], got {self.max_items}")
+        for name in ("max_abs_multiplier", "max_abs_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_ABS_VALUE):
+                raise ValueError(f"{name} must lie in (0, {MAX_ABS_VALUE:g}], got {value}")
+
+    def bound(self, key: str) -> float:
+        return self.max_abs_multiplier if key == "multiplier" else self.max_abs_alpha
+
+
+ENGINE_LIMITS = SteeringLimits(MAX_ITEMS, MAX_ABS_VALUE, MAX_ABS_VALUE)
+"""What the engine accepts from any path (the server's defaults are tighter)."""
+
+
+# --------------------------------------------------------------------------- names and parts
 def split_part(name: str) -> tuple[str, str | None]:
     """``"refusal[pos]"`` → ``("refusal", "pos")``; ``"refusal"`` → ``("refusal", None)``."""
     if "[" not in name and "]" not in name:
@@ -86,38 +97,32 @@ def split_part(name: str) -> tuple[str, str | None]:
     return base, part
 
 
-def resolve(circuits: Mapping[str, Any], name: str) -> Any:
-    """The circuit (or metadata) an item's ``circuit`` names, its signed part selected.
+def is_vector_set(obj: Any) -> bool:
+    """True for a CAA vector set (or its metadata dict)."""
+    return (obj.get("kind") if isinstance(obj, Mapping) else getattr(obj, "kind", "cna")) == "caa"
 
-    Raises :class:`SteeringError` for an unknown name, a part of a CAA vector set, or an empty part.
-    """
+
+def resolve(sources: Mapping[str, Any], name: str) -> Any:
+    """The source an item's ``circuit`` names, its signed part selected (objects with ``part()``)."""
     base, part = split_part(name)
-    if base not in circuits:
-        known = ", ".join(sorted(circuits)) or "none loaded"
-        raise SteeringError(f"unknown circuit {base!r}; known circuits: {known}")
-    obj = circuits[base]
+    if base not in sources:
+        known = ", ".join(sorted(sources)) or "none loaded"
+        raise SteeringError(f"unknown circuit {base!r}; known circuits: {known}", code="unknown_circuit")
+    obj = sources[base]
     if part is None:
         return obj
     if is_vector_set(obj):
         raise SteeringError(f"{base!r} is a CAA vector set: it has no signed parts (got {name!r})")
-    if isinstance(obj, Mapping):  # metadata: {"kind", "parts": {part: count}}
-        if obj.get("parts", {}).get(part, 1) == 0:
-            raise SteeringError(f"circuit {base!r} has no neurons in part {part!r}")
-        return obj
-    counts = obj.part_counts()
-    if counts[part] == 0:
+    counts = obj.get("parts", {}) if isinstance(obj, Mapping) else obj.part_counts()
+    if counts.get(part, 1) == 0:
         raise SteeringError(f"circuit {base!r} has no neurons in part {part!r}")
-    return obj.part(part)
+    return obj.part(part) if hasattr(obj, "part") else obj
 
 
-def is_vector_set(obj: Any) -> bool:
-    """True for a CAA :class:`~cna_vllm.vectors.VectorSet` (or its metadata dict)."""
-    return (obj.get("kind") if isinstance(obj, Mapping) else getattr(obj, "kind", "cna")) == "caa"
-
-
+# --------------------------------------------------------------------------- the types
 @dataclass(frozen=True)
 class SteeringItem:
-    """One circuit under one mode. ``value`` is m for ``scale`` and α otherwise."""
+    """One source under one mode. ``value`` is m for ``scale`` and α otherwise."""
 
     circuit: str
     mode: str
@@ -125,16 +130,6 @@ class SteeringItem:
 
     def to_dict(self) -> dict[str, Any]:
         return {"circuit": self.circuit, "mode": self.mode, MODES[self.mode]: self.value}
-
-    def affine(self, circuit: Circuit) -> tuple[np.ndarray, np.ndarray]:
-        """Per-neuron ``(s, b)`` in the circuit's own neuron order, float64."""
-        n = len(circuit)
-        v = float(self.value)
-        if self.mode == "scale":
-            return np.full(n, v), np.zeros(n)
-        if self.mode == "patch":
-            return np.full(n, 1.0 - v), v * circuit.mean_neg.astype(np.float64)
-        return np.ones(n), -v * circuit.delta.astype(np.float64)  # shift
 
     def __str__(self) -> str:
         return f"{self.circuit}@{self.value:g}" + ("" if self.mode == "scale" else f":{self.mode}")
@@ -146,50 +141,85 @@ class SteeringSpec:
 
     items: tuple[SteeringItem, ...] = ()
 
-    # ------------------------------------------------------------------ parsing
     @classmethod
-    def parse(cls, obj: Any) -> SteeringSpec:
-        """Build a spec from any accepted form (see the module docstring); check syntax only."""
-        if obj is None or isinstance(obj, SteeringSpec):
-            return obj or cls()
+    def parse(cls, obj: Any, limits: SteeringLimits = ENGINE_LIMITS, *, strict: bool = False) -> SteeringSpec:
+        """Check syntax and bounds of any accepted form (see the module docstring)."""
+        if isinstance(obj, SteeringSpec):
+            return obj._bounded(limits)
+        if obj is None:
+            return cls()
         if isinstance(obj, str):
             text = obj.strip()
             if not text:
+                if strict:
+                    raise SteeringError("steering is an empty string; leave the field out for no steering")
                 return cls()
             if text[0] in "[{":
+                if strict:
+                    raise SteeringError("steering must be JSON, not a string holding JSON")
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as exc:
                     raise SteeringError(f"steering is not valid JSON: {exc}") from exc
             else:
-                return cls(tuple(_parse_compact(part) for part in text.split(",")))._checked()
-        if isinstance(obj, Mapping):
+                items = text.split(",")
+                return cls(tuple(_parse_compact(part, _where(i, len(items))) for i, part in enumerate(items)))._bounded(
+                    limits
+                )
+        single = isinstance(obj, Mapping)
+        if single:
             obj = [obj]
         if not isinstance(obj, list | tuple):
-            raise SteeringError(
-                f"steering must be a list of items, an item, JSON or 'NAME@VALUE[:mode]', not {type(obj).__name__}"
-            )
-        return cls(tuple(_parse_item(i, item) for i, item in enumerate(obj)))._checked()
+            raise SteeringError(f"steering must be {_SHAPES}; got {type(obj).__name__}")
+        if strict and not obj:
+            raise SteeringError("steering is an empty list; leave the field out for no steering")
+        if len(obj) > limits.max_items:
+            raise SteeringError(f"steering has {len(obj)} items; at most {limits.max_items} are allowed")
+        return cls(
+            tuple(_parse_item(item, "steering" if single else f"steering[{i}]", strict) for i, item in enumerate(obj))
+        )._bounded(limits)
 
-    def _checked(self) -> SteeringSpec:
-        if len(self.items) > MAX_ITEMS:
-            raise SteeringError(f"steering has {len(self.items)} items; at most {MAX_ITEMS} are allowed")
+    def _bounded(self, limits: SteeringLimits) -> SteeringSpec:
+        if len(self.items) > limits.max_items:
+            raise SteeringError(f"steering has {len(self.items)} items; at most {limits.max_items} are allowed")
+        for i, item in enumerate(self.items):
+            key = MODES[item.mode]
+            bound = limits.bound(key)
+            if abs(item.value) > bound:
+                where = f"{_where(i, len(self.items))}.{key}"
+                raise SteeringError(
+                    f"invalid {where}: {item.value:g} is out of bounds; it must lie in [-{bound:g}, {bound:g}]",
+                    param=where,
+                )
         return self
 
-    def validate(self, circuits: Mapping[str, Any]) -> SteeringSpec:
-        """Raise :class:`SteeringError` unless every item names a circuit in ``circuits`` in a mode it takes.
-
-        ``circuits`` maps names to circuits, vector sets or their metadata dicts.
-        """
-        for item in self.items:
-            if is_vector_set(resolve(circuits, item.circuit)) and item.mode not in VECTOR_MODES:
+    def validate(self, sources: Mapping[str, Any], foreign: Mapping[str, str] | None = None) -> SteeringSpec:
+        """Raise unless every item names a source in ``sources`` (objects or metadata dicts), an existing
+        signed part, and a mode its kind takes. ``foreign`` maps names known only for other models to
+        that model, for a better message."""
+        for i, item in enumerate(self.items):
+            base = split_part(item.circuit)[0]
+            if base not in sources:
+                param = f"{_where(i, len(self.items))}.circuit"
+                known = ", ".join(sorted(sources)) or "none loaded"
+                if foreign and base in foreign:
+                    raise SteeringError(
+                        f"circuit {base!r} belongs to model {foreign[base]!r}, not to the model "
+                        f"this server runs; circuits for this model: {known}",
+                        param=param,
+                        code="circuit_model_mismatch",
+                    )
+                raise SteeringError(
+                    f"unknown circuit {base!r}; known circuits: {known}", param=param, code="unknown_circuit"
+                )
+            if is_vector_set(resolve(sources, item.circuit)) and item.mode not in VECTOR_MODES:
                 raise SteeringError(
                     f"{item.circuit!r} is a CAA vector set: it takes mode 'shift' with alpha "
                     f"(e.g. {item.circuit}@1:shift), not {item.mode!r}"
                 )
         return self
 
-    # ------------------------------------------------------------------ identity
+    # ------------------------------------------------------------------ identity and wire form
     def __bool__(self) -> bool:
         return bool(self.items)
 
@@ -200,124 +230,80 @@ class SteeringSpec:
         return ",".join(str(i) for i in self.items)
 
     def to_list(self) -> list[dict[str, Any]]:
-        """The canonical JSON-able form; this is what travels in ``extra_args["steering"]``."""
+        """The canonical JSON-able form (a variant's card, reports)."""
         return [item.to_dict() for item in self.items]
 
+    def to_wire(self) -> str:
+        """The one wire form: canonical compact JSON of :meth:`to_list` (``extra_args["steering"]``).
+
+        The spec is remembered under its wire text, so the same process reads it back without parsing.
+        """
+        text = json.dumps(self.to_list(), separators=(",", ":"))
+        _remember(text, self)
+        return text
+
+    @staticmethod
+    def from_wire(text: str) -> SteeringSpec:
+        """The spec of a wire string (or any accepted text), parsed at most once per process (engine bounds)."""
+        spec = _WIRE.get(text)
+        if spec is None:
+            spec = SteeringSpec.parse(text)
+            _remember(text, spec)
+        return spec
+
+    @classmethod
+    def from_params(cls, params: Any) -> SteeringSpec:
+        """The spec carried by a ``SamplingParams`` (empty when none)."""
+        raw = (getattr(params, "extra_args", None) or {}).get("steering")
+        if not raw:
+            return cls()
+        return cls.from_wire(raw) if isinstance(raw, str) else cls.parse(raw)
+
     def fingerprint(self) -> str:
-        """Stable 16-hex digest of the canonical form (order-sensitive); ``""`` if empty."""
+        """Stable 16-hex digest of the canonical form (order-sensitive), computed once; ``""`` if empty."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            text = json.dumps([[i.circuit, i.mode, repr(float(i.value))] for i in self.items], separators=(",", ":"))
+            fp = hashlib.sha256(text.encode()).hexdigest()[:16] if self.items else ""
+            object.__setattr__(self, "_fingerprint", fp)
+        return fp
+
+    def cache_salt(self, user_salt: str | None = None) -> str | None:
+        """The request's vLLM ``cache_salt``: the user's when unsteered, steering-keyed otherwise.
+
+        ``cna-steer-<fingerprint>[|<hash of the user's salt>]`` has a fixed length under vLLM's
+        cap, and a user salt with the reserved prefix is refused, so no request reuses KV blocks
+        computed under a steering it did not ask for.
+        """
+        check_user_salt(user_salt)
         if not self.items:
-            return ""
-        text = json.dumps([[i.circuit, i.mode, repr(float(i.value))] for i in self.items], separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def cache_salt(self) -> str | None:
-        """The vLLM ``cache_salt`` that isolates this spec's prefix-cache blocks; None if empty."""
-        return f"{SALT_PREFIX}{self.fingerprint()}" if self.items else None
-
-    # ------------------------------------------------------------------ engine rows
-    def to_rows(self, circuits: Mapping[str, Circuit | VectorSet]) -> LayerRows:
-        """Compose the neuron items into per-layer ``(neuron_idx, s, b)`` (see module docstring)."""
-        self.validate(circuits)
-        acc: dict[int, dict[int, tuple[float, float]]] = {}
-        for item in self.items:
-            circuit = resolve(circuits, item.circuit)
-            if is_vector_set(circuit):
-                continue
-            s_arr, b_arr = item.affine(circuit)
-            for layer, neuron, s, b in zip(
-                circuit.layers.tolist(), circuit.neurons.tolist(), s_arr.tolist(), b_arr.tolist(), strict=True
-            ):
-                s0, b0 = acc.setdefault(layer, {}).get(neuron, (1.0, 0.0))
-                acc[layer][neuron] = (s * s0, s * b0 + b)
-        rows: LayerRows = {}
-        for layer in sorted(acc):
-            neurons = sorted(acc[layer])
-            sb = np.array([acc[layer][n] for n in neurons], dtype=np.float64).reshape(-1, 2)
-            if not np.isfinite(sb).all():
-                raise SteeringError(f"steering {self} produces non-finite values at layer {layer}")
-            rows[layer] = (
-                np.asarray(neurons, dtype=np.int64),
-                sb[:, 0].astype(np.float32),
-                sb[:, 1].astype(np.float32),
-            )
-        return rows
-
-    def to_offsets(self, circuits: Mapping[str, Circuit | VectorSet]) -> LayerOffsets:
-        """Sum the vector items into per-layer MLP-output offsets ``−Σ α·v_l`` (float32)."""
-        self.validate(circuits)
-        acc: dict[int, np.ndarray] = {}
-        for item in self.items:
-            vectors = resolve(circuits, item.circuit)
-            if not is_vector_set(vectors):
-                continue
-            for layer, v in zip(vectors.layers.tolist(), vectors.vectors, strict=True):
-                acc[layer] = acc.get(layer, 0.0) - float(item.value) * v.astype(np.float64)
-        out = {layer: np.asarray(acc[layer], dtype=np.float32) for layer in sorted(acc)}
-        if not all(np.isfinite(v).all() for v in out.values()):
-            raise SteeringError(f"steering {self} produces non-finite offsets")
-        return out
+            return user_salt
+        salt = f"{SALT_PREFIX}{self.fingerprint()}"
+        if user_salt:
+            salt += "|" + hashlib.sha256(user_salt.encode()).hexdigest()[:16]
+        return salt
 
 
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise SteeringError(f"{what} must be a number, got {value!r}")
-    try:
-        out = float(value) + 0.0  # -0.0 -> 0.0: one fingerprint, row and cache namespace per value
-    except ValueError as exc:
-        raise SteeringError(f"{what} must be a number, got {str(value)[:40]!r}") from exc
-    except OverflowError as exc:  # an integer too large for a float
-        raise SteeringError(f"{what} must be a finite number, got {str(value)[:40]!r}...") from exc
-    if not math.isfinite(out):
-        raise SteeringError(f"{what} must be finite, got {value!r}")
-    if abs(out) > MAX_ABS_VALUE:
-        raise SteeringError(f"{what} is {out:g}; it must lie in [-{MAX_ABS_VALUE:g}, {MAX_ABS_VALUE:g}]")
-    return out
+_WIRE: dict[str, SteeringSpec] = {}
+"""Per-process memo: wire text -> spec (bounded; oldest out first)."""
+_WIRE_SIZE = 4096
 
 
-def _check_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise SteeringError(f"{where}: 'circuit' must be a non-empty string, got {name!r}")
-    base, part = split_part(name.strip())
-    return base if part is None else f"{base}[{part}]"
+def _remember(text: str, spec: SteeringSpec) -> None:
+    if text not in _WIRE:
+        if len(_WIRE) >= _WIRE_SIZE:
+            del _WIRE[next(iter(_WIRE))]
+        _WIRE[text] = spec
 
 
-def _check_mode(mode: Any, where: str) -> str:
-    if mode not in MODES:
-        raise SteeringError(f"{where}: unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    return mode
-
-
-def _parse_item(index: int, item: Any) -> SteeringItem:
-    where = f"steering item {index}"
-    if isinstance(item, SteeringItem):
-        return item
-    if isinstance(item, str):
-        return _parse_compact(item)
-    if not isinstance(item, Mapping):
-        raise SteeringError(f"{where} must be an object, got {item!r}")
-    extra = set(item) - {"circuit", "mode", "multiplier", "alpha"}
-    if extra:
-        raise SteeringError(f"{where} has unknown field(s) {sorted(extra)}")
-    name = _check_name(item.get("circuit"), where)
-    mode = _check_mode(item.get("mode", "scale"), where)
-    key = MODES[mode]
-    other = "alpha" if key == "multiplier" else "multiplier"
-    if other in item:
-        hint = " (the paper's α = 1 − m; pass the multiplier m)" if mode == "scale" else ""
-        raise SteeringError(f"{where}: mode {mode!r} takes {key!r}, not {other!r}{hint}")
-    if key not in item:
-        raise SteeringError(f"{where}: mode {mode!r} needs {key!r}")
-    return SteeringItem(name, mode, _number(item[key], f"{where} {key}"))
-
-
-def _parse_compact(text: str) -> SteeringItem:
-    where = f"steering {text.strip()!r}"
-    name, at, rest = text.strip().partition("@")
-    if not at:
-        raise SteeringError(f"{where}: expected NAME@VALUE[:mode]")
-    value, _, mode = rest.partition(":")
-    mode = _check_mode(mode.strip() or "scale", where)
-    return SteeringItem(_check_name(name, where), mode, _number(value.strip(), f"{where} {MODES[mode]}"))
+def check_user_salt(user_salt: object) -> None:
+    """Refuse a client's cache salt that starts with the reserved :data:`SALT_PREFIX`."""
+    if isinstance(user_salt, str) and user_salt.startswith(SALT_PREFIX):
+        raise SteeringError(
+            f"cache_salt may not start with {SALT_PREFIX!r}: that prefix is reserved for steering",
+            param="cache_salt",
+            code="reserved_cache_salt",
+        )
 
 
 def parse_many(steering: Any, n: int) -> list[SteeringSpec]:
@@ -337,17 +323,92 @@ def parse_many(steering: Any, n: int) -> list[SteeringSpec]:
     return [SteeringSpec.parse(steering)] * n
 
 
-def union_neurons(circuits: Iterable[Circuit | VectorSet]) -> dict[int, np.ndarray]:
-    """Per layer, the ascending union of neuron indices over the neuron circuits (the sparse index)."""
-    acc: dict[int, set[int]] = {}
-    for circuit in circuits:
-        if is_vector_set(circuit):
-            continue
-        for layer, neuron in circuit.pairs():
-            acc.setdefault(layer, set()).add(neuron)
-    return {layer: np.array(sorted(acc[layer]), dtype=np.int64) for layer in sorted(acc)}
+# --------------------------------------------------------------------------- item syntax
+def _where(index: int, count: int) -> str:
+    return "steering" if count == 1 else f"steering[{index}]"
 
 
-def vector_layers(circuits: Iterable[Circuit | VectorSet]) -> list[int]:
-    """The layers whose MLP output some CAA vector set offsets."""
-    return sorted({layer for c in circuits if is_vector_set(c) for layer in c.layers.tolist()})
+def _number(value: Any, where: str, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or (strict and isinstance(value, str)):
+        raise SteeringError(f"invalid {where}: must be a number, got {value!r:.40}", param=where)
+    try:
+        out = float(value) + 0.0  # -0.0 -> 0.0: one fingerprint, row and cache namespace per value
+    except ValueError:
+        raise SteeringError(f"invalid {where}: must be a number, got {str(value)[:40]!r}", param=where) from None
+    except OverflowError:  # an integer too large for a float
+        msg = f"invalid {where}: must be a finite number, got {str(value)[:40]!r}..."
+        raise SteeringError(msg, param=where) from None
+    if not math.isfinite(out):
+        raise SteeringError(f"invalid {where}: must be a finite number, got {value!r}", param=where)
+    return out
+
+
+def _check_name(name: Any, where: str) -> str:
+    param = f"{where}.circuit"
+    problem = None
+    if name is None:
+        problem = "Field required: 'circuit' must be a non-empty string"
+    elif not isinstance(name, str):
+        problem = f"'circuit' must be a valid string, got {type(name).__name__}"
+    elif not name.strip():
+        problem = "'circuit' must be a non-empty string (at least 1 character)"
+    elif len(name) > MAX_NAME:
+        problem = f"'circuit' must have at most {MAX_NAME} characters"
+    if problem:
+        raise SteeringError(f"invalid {param}: {problem}", param=param)
+    base, part = split_part(name.strip())
+    return base if part is None else f"{base}[{part}]"
+
+
+def _check_mode(mode: Any, where: str) -> str:
+    if mode not in MODES:
+        param = f"{where}.mode"
+        use = ", ".join(repr(m) for m in MODES)
+        raise SteeringError(f"invalid {param}: unknown mode {mode!r:.40}; use one of {use}", param=param)
+    return mode
+
+
+def _parse_item(item: Any, where: str, strict: bool) -> SteeringItem:
+    if isinstance(item, SteeringItem):
+        return item
+    if isinstance(item, str) and not strict:
+        return _parse_compact(item, where)
+    if not isinstance(item, Mapping):
+        raise SteeringError(
+            f"invalid {where}: must be an object {{circuit, multiplier|alpha, mode}}, got {type(item).__name__}",
+            param=where,
+        )
+    extra = sorted(set(item) - {"circuit", "mode", "multiplier", "alpha"}, key=str)
+    if extra:
+        raise SteeringError(
+            f"invalid {where}: unknown field {extra[0]!r}; an item has circuit, mode, multiplier or alpha", param=where
+        )
+    name = _check_name(item.get("circuit"), where)
+    mode = _check_mode(item.get("mode", "scale"), where)
+    key = MODES[mode]
+    other = "alpha" if key == "multiplier" else "multiplier"
+    if item.get(other) is not None or (other in item and not strict):
+        hint = " (the paper's α = 1 − m; pass the multiplier m)" if mode == "scale" else ""
+        raise SteeringError(f"invalid {where}: mode {mode!r} takes {key!r}, not {other!r}{hint}", param=where)
+    if item.get(key) is None:
+        raise SteeringError(
+            f"invalid {where}.{key}: mode {mode!r} needs {key!r}, which must be a number, got None",
+            param=f"{where}.{key}",
+        )
+    return SteeringItem(name, mode, _number(item[key], f"{where}.{key}", strict))
+
+
+def _parse_compact(text: str, where: str) -> SteeringItem:
+    label = f"steering {text.strip()!r}"
+    name, at, rest = text.strip().partition("@")
+    if not at:
+        raise SteeringError(f"{label}: expected NAME@VALUE[:mode]")
+    value, _, mode = rest.partition(":")
+    mode = _check_mode(mode.strip() or "scale", where)
+    if not name.strip():
+        raise SteeringError(f"{label}: the circuit name must be non-empty")
+    try:
+        number = _number(value.strip(), f"{where}.{MODES[mode]}", strict=False)
+    except SteeringError as exc:
+        raise SteeringError(f"{label}: {exc}", param=where) from None
+    return SteeringItem(_check_name(name, where), mode, number)

@@ -27,19 +27,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from cna_vllm.circuit import Circuit, read_file, tool_version, write_file
 from cna_vllm.errors import CircuitError
-from cna_vllm.models import ModelIdentity
+from cna_vllm.fileformat import SourceFile, read_file, tool_version, write_file
+from cna_vllm.identity import ModelIdentity
 
 SITES = ("mlp_out", "residual")
 KIND = "caa"
 
 
 @dataclass(frozen=True, eq=False)
-class VectorSet:
+class VectorSet(SourceFile):
     """Per-layer steering vectors (CAA) with the same metadata as a circuit."""
 
     kind: ClassVar[str] = KIND
+    noun: ClassVar[str] = "vector set"
     name: str
     layers: np.ndarray
     vectors: np.ndarray
@@ -72,16 +73,7 @@ class VectorSet:
         if not np.isfinite(self.vectors).all():
             raise CircuitError(f"vector set {self.name!r} holds NaN/inf values")
 
-    def validate_for(self, model: ModelIdentity | str | Path, *, check_fingerprint: bool = True) -> VectorSet:
-        ident = model if isinstance(model, ModelIdentity) else ModelIdentity.from_dir(model)
-        if self.model is not None:
-            if (self.model.num_layers, self.model.hidden_size) != (ident.num_layers, ident.hidden_size):
-                raise CircuitError(f"vector set {self.name!r} was made for another model (dimensions differ)")
-            if check_fingerprint and self.model.fingerprint != ident.fingerprint:
-                raise CircuitError(
-                    f"vector set {self.name!r} was made for another model: weights fingerprint "
-                    f"{self.model.fingerprint} != {ident.fingerprint}"
-                )
+    def _check_fit(self, ident: ModelIdentity) -> None:
         if self.layers.max() >= ident.num_layers:
             raise CircuitError(f"vector set {self.name!r}: layer {int(self.layers.max())} is out of range")
         if self.vectors.shape[1] != ident.hidden_size:
@@ -89,25 +81,18 @@ class VectorSet:
                 f"vector set {self.name!r}: vectors have width {self.vectors.shape[1]}, "
                 f"the model's hidden size is {ident.hidden_size}"
             )
-        return self
 
     def metadata(self) -> dict:
         return {
-            "kind": KIND,
-            "name": self.name,
+            **self._common_metadata(),
             "site": self.site,
-            "description": self.description,
-            "model": self.model.to_dict() if self.model else None,
-            "discovery": self.discovery,
             "num_layers": len(self),
             "layers": self.layers.tolist(),
             "norms": [round(float(n), 4) for n in np.linalg.norm(self.vectors, axis=1)],
-            "created_at": self.created_at,
-            "tool_version": self.version,
         }
 
-    def summary(self, top: int = 0) -> str:
-        """Human-readable description: site, layers and vector norms (``top`` is unused)."""
+    def summary(self) -> str:
+        """Human-readable description: site, layers and vector norms."""
         meta = self.metadata()
         lines = [f"CAA vector set {self.name!r} ({self.site}), {len(self)} layer(s)"]
         if self.description:
@@ -124,7 +109,15 @@ class VectorSet:
 
     @classmethod
     def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> VectorSet:
-        meta, tensors = read_file(path)
+        """Read and strictly check a CAA vector file; validate it for ``model`` if given."""
+        path = Path(path)
+        return cls.from_file(path, *read_file(path), model=model)
+
+    @classmethod
+    def from_file(
+        cls, path: Path, meta: dict, tensors: dict[str, np.ndarray], model: ModelIdentity | str | Path | None = None
+    ) -> VectorSet:
+        """The vector set in an already read file (see :func:`cna_vllm.sources.load`)."""
         if meta.get("kind") != KIND:
             raise CircuitError(f"{path} is not a CAA vector file (kind {meta.get('kind', 'cna')!r})")
         for key in ("layers", "vectors"):
@@ -132,28 +125,13 @@ class VectorSet:
                 raise CircuitError(f"{path} lacks the tensor {key!r}")
         try:
             out = cls(
-                name=meta["name"],
                 layers=tensors["layers"],
                 vectors=tensors["vectors"],
                 site=meta.get("site", "mlp_out"),
-                model=ModelIdentity(**meta["model"]) if meta.get("model") else None,
-                description=meta.get("description", ""),
-                discovery=meta.get("discovery", {}),
-                created_at=meta.get("created_at", ""),
-                version=meta.get("tool_version", ""),
+                **cls._common_fields(meta),
             )
         except (KeyError, TypeError) as exc:
             raise CircuitError(f"{path} has malformed metadata: {exc}") from exc
         if model is not None:
             out.validate_for(model)
         return out
-
-
-def load_any(path: str | Path, model: ModelIdentity | str | Path | None = None) -> Circuit | VectorSet:
-    """A :class:`~cna_vllm.circuit.Circuit` or a :class:`VectorSet`, by the file's kind."""
-    try:
-        return Circuit.load(path, model)
-    except CircuitError as exc:
-        if "steering vectors" not in str(exc):
-            raise
-    return VectorSet.load(path, model)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cna_vllm.rows import to_offsets, to_rows
 from cna_vllm.steering import SteeringSpec
 
 
@@ -34,7 +35,7 @@ class HFReference:
         if key in self._cache:
             return self._cache[key]
         handles = []
-        for layer, (idx, s, b) in spec.to_rows(self.circuits).items():
+        for layer, (idx, s, b) in to_rows(spec, self.circuits).items():
             idx_t, s_t, b_t = torch.from_numpy(idx), torch.from_numpy(s), torch.from_numpy(b)
 
             def hook(_module, args, idx_t=idx_t, s_t=s_t, b_t=b_t):
@@ -44,7 +45,7 @@ class HFReference:
                 return (x,)
 
             handles.append(self._layers()[layer].mlp.down_proj.register_forward_pre_hook(hook))
-        for layer, offset in spec.to_offsets(self.circuits).items():
+        for layer, offset in to_offsets(spec, self.circuits).items():
             off_t = torch.from_numpy(offset)
 
             def out_hook(_module, _args, output, off_t=off_t):

@@ -4,79 +4,53 @@ vLLM's ``InputProcessor.process_inputs`` turns every request into an ``EngineCor
 offline ``LLM``, ``AsyncLLM``, and every HTTP route of the OpenAI server (``/v1/...``,
 ``/invocations``, ``vllm_xargs`` sent directly). Here, once per request:
 
-- the spec in ``extra_args["steering"]`` is parsed, bounded and validated against the
-  engine's circuits (names and the modes each kind takes), and replaced by its canonical
-  wire form; a bad spec raises :class:`SteeringError` (a ``ValueError``: HTTP 400), so the
+- the spec in ``extra_args["steering"]`` is read (:meth:`SteeringSpec.from_params`, parsed once
+  per process per wire string) and validated against the engine's :class:`Catalogue` (once per
+  spec), then written back in its wire form; a bad spec raises :class:`SteeringError`, so the
   worker only ever sees valid specs;
-- the cache salt is composed in one place: a steered request gets
-  ``cna-steer-<fingerprint>[|<hash of the user's salt>]`` (fixed length, under vLLM's cap),
-  and a user salt that starts with the reserved prefix is refused, so no request can reuse
-  KV blocks computed under a steering it did not ask for.
+- the cache salt is composed (:meth:`SteeringSpec.cache_salt`), so no request can reuse KV
+  blocks computed under a steering it did not ask for.
+
+The registry holds one catalogue per engine instance in this process, read once from the
+engine's ``additional_config``; the server and the offline front end share it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from cna_vllm.errors import SteeringError
-from cna_vllm.steering import SALT_PREFIX, SteeringSpec, is_vector_set
+from cna_vllm.catalogue import Catalogue, as_catalogue
+from cna_vllm.steering import SteeringSpec
 
-_CATALOGUES: dict[str, dict[str, dict[str, Any]]] = {}
-"""API-process registry: vLLM instance id -> {circuit name: {"kind": ..., "parts": {part: count}}}."""
+_CATALOGUES: dict[str, Catalogue] = {}
+"""API-process registry: vLLM instance id -> the catalogue that engine steers with."""
 
 
-def catalogue(vllm_config: Any) -> dict[str, dict[str, Any]]:
-    """The circuits this engine steers with, by name (read once from ``additional_config``)."""
+def catalogue(vllm_config: Any) -> Catalogue:
+    """The sources this engine steers with, by name (files read once per process)."""
     found = _CATALOGUES.get(vllm_config.instance_id)
     if found is None:
-        from cna_vllm.engine.state import EngineSteeringConfig
+        from cna_vllm.engine.config import EngineSteeringConfig
 
         cfg = EngineSteeringConfig.from_additional_config(vllm_config.additional_config)
-        found = {name: _entry(c) for name, c in cfg.load_circuits().items()}
-        _CATALOGUES[vllm_config.instance_id] = found
+        found = _CATALOGUES[vllm_config.instance_id] = Catalogue(cfg.load_circuits())
     return found
 
 
-def add_to_catalogue(vllm_config: Any, name: str, circuit: Any) -> None:
-    """Make a hot-loaded circuit steerable in requests (after every worker has it)."""
-    catalogue(vllm_config)[name] = _entry(circuit)
-
-
-def _entry(circuit: Any) -> dict[str, Any]:
-    """What intake needs to validate a spec: the kind, and a neuron circuit's signed-part sizes."""
-    if is_vector_set(circuit):
-        return {"kind": "caa"}
-    return {"kind": "cna", "parts": circuit.part_counts()}
-
-
-def check_user_salt(user_salt: object) -> None:
-    """Refuse a client's cache salt that starts with the reserved :data:`SALT_PREFIX`."""
-    if isinstance(user_salt, str) and user_salt.startswith(SALT_PREFIX):
-        raise SteeringError(f"cache_salt may not start with {SALT_PREFIX!r}: that prefix is reserved for steering")
-
-
-def compose_salt(spec: SteeringSpec, user_salt: str | None) -> str | None:
-    """The request's cache salt: the user's for unsteered requests; steering-keyed otherwise."""
-    check_user_salt(user_salt)
-    salt = spec.cache_salt()
-    if salt is None:
-        return user_salt
-    if user_salt:
-        salt += "|" + hashlib.sha256(user_salt.encode()).hexdigest()[:16]
-    return salt
+def add_to_catalogue(vllm_config: Any, name: str, source: Any) -> None:
+    """Make a hot-loaded source steerable in requests (after every worker has it)."""
+    catalogue(vllm_config).add(name, source)
 
 
 def check_request(vllm_config: Any, request: Any, circuits: Mapping[str, Any] | None = None) -> None:
     """Validate, canonicalise and salt one ``EngineCoreRequest`` in place (see the module docstring)."""
     params = getattr(request, "sampling_params", None)
     extra = (getattr(params, "extra_args", None) or {}) if params is not None else {}
-    raw = extra.get("steering")
-    spec = SteeringSpec.parse(raw) if raw else SteeringSpec()
+    spec = SteeringSpec.from_params(params)
     if spec:
-        spec.validate(catalogue(vllm_config) if circuits is None else circuits)
-        params.extra_args = {**extra, "steering": spec.to_list()}
+        (catalogue(vllm_config) if circuits is None else as_catalogue(circuits)).validate(spec)
+        params.extra_args = {**extra, "steering": spec.to_wire()}
     elif "steering" in extra:
         params.extra_args = {k: v for k, v in extra.items() if k != "steering"} or None
-    request.cache_salt = compose_salt(spec, request.cache_salt)
+    request.cache_salt = spec.cache_salt(request.cache_salt)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cna_vllm.engine.state import Source, load_entry, lookup_state
-
-WORKER_EXTENSION_FQCN = "cna_vllm.engine.worker.SteeringWorkerExtension"
+from cna_vllm import sources
+from cna_vllm.engine.context import lookup_state
 
 
 class SteeringWorkerExtension:
@@ -20,12 +19,9 @@ class SteeringWorkerExtension:
 
     vllm_config: Any
 
-    def _cna_load(self, name: str, entry: dict[str, str]) -> Source:
-        from cna_vllm.engine.models import validate_source
-
-        circuit = load_entry(name, entry)
-        validate_source(circuit, lookup_state(self.vllm_config.instance_id).identity)
-        return circuit
+    def _cna_load(self, name: str, entry: dict[str, str]) -> sources.Source:
+        source = sources.Entry.from_dict(entry).load(name)
+        return sources.validate(source, lookup_state(self.vllm_config.instance_id).identity)
 
     def cna_check_circuit(self, name: str, entry: dict[str, str]) -> None:
         """Raise unless circuit ``name`` (``{"path", "sha256"}``) can be added on this rank."""

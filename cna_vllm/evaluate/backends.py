@@ -72,7 +72,7 @@ class EngineBackend:
         """
         from vllm import SamplingParams
 
-        from cna_vllm.engine.patches import DENSE_LOGPROBS_KEY
+        from cna_vllm.patches.requests import DENSE_LOGPROBS_KEY
 
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=-1, detokenize=False,
                                 flat_logprobs=True, extra_args={DENSE_LOGPROBS_KEY: True})

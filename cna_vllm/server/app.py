@@ -12,44 +12,24 @@ when the entry point is registered.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cna_vllm.engine.llm import SpecGate
-from cna_vllm.engine.state import CONFIG_KEY, DEFAULT_MAX_STEERING_CONFIGS
+from cna_vllm.engine.admission import SpecGate
+from cna_vllm.engine.config import CONFIG_KEY, DEFAULT_MAX_STEERING_CONFIGS, has_cuda
 from cna_vllm.server.catalog import Catalog
-from cna_vllm.server.metrics import SteeringMetrics, metrics
-from cna_vllm.server.schema import SteeringLimits
+from cna_vllm.server.metrics import metrics
+from cna_vllm.server.state import DEFAULT_MAX_REQUEST_BYTES, ServerState
 from cna_vllm.server.variants import Variants, validate_spec
+from cna_vllm.sources import REPO_CIRCUITS
+from cna_vllm.steering import SteeringLimits
 
 logger = logging.getLogger(__name__)
-
-REPO_CIRCUITS = Path(os.environ.get("CNA_VLLM_CIRCUITS_ROOT") or Path(__file__).resolve().parents[2] / "circuits")
-"""Where the shipped ``<model alias>/*.safetensors`` circuits live (the repo's, or ``$CNA_VLLM_CIRCUITS_ROOT``)."""
-DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 DEFAULT_HOT_LOAD_NEURONS = 256
 DEFAULT_MAX_WAITING = 1024
 DEFAULT_WAIT_TIMEOUT = 600.0
-
-
-@dataclass
-class ServerState:
-    """What the steering middleware and routes need, in ``app.state.cna_steering``."""
-
-    catalog: Catalog
-    limits: SteeringLimits
-    gate: SpecGate
-    metrics: SteeringMetrics
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    hot_load_enabled: bool = False
-    hot_load_roots: tuple[Path, ...] = ()
-    hot_load_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    variants: Variants = field(default_factory=lambda: Variants(""))
 
 
 def _limits(args: argparse.Namespace) -> SteeringLimits:
@@ -83,14 +63,13 @@ class SteeringEndpointPlugin:
             from cna_vllm.server.playground import router as playground_router
 
             app.include_router(playground_router)
-        # Innermost: vLLM's authentication (and CORS) run before any steering validation.
-        app.user_middleware.append(Middleware(SteeringMiddleware))
-        from cna_vllm.server.auth import GuardEveryRoute, api_tokens
+        from cna_vllm.patches.server import GuardEveryRoute, add_middleware
 
-        if tokens := api_tokens(args):  # outermost: no route that runs the model is open
-            app.user_middleware.insert(0, Middleware(GuardEveryRoute, tokens=tokens))
-        if app.middleware_stack is not None:  # build_app's SageMaker bootstrap already built it
-            app.middleware_stack = app.build_middleware_stack()
+        # Innermost: vLLM's authentication (and CORS) run before any steering validation;
+        # outermost, with a key: no route that runs the model is open.
+        tokens = api_tokens(args)
+        guard = Middleware(GuardEveryRoute, tokens=tokens) if tokens else None
+        add_middleware(app, Middleware(SteeringMiddleware), guard)
         app.state.cna_attached = True
 
     async def init_state(self, engine_client: Any, state: Any, args: argparse.Namespace) -> None:
@@ -99,8 +78,8 @@ class SteeringEndpointPlugin:
         if CONFIG_KEY not in (getattr(args, "additional_config", None) or {}):
             return
         names = getattr(args, "served_model_name", None) or [args.model]
-        catalog = Catalog.from_additional_config(
-            args.additional_config, args.model, names[0], getattr(args, "cna_circuits_root", REPO_CIRCUITS)
+        catalog = Catalog.from_engine(
+            engine_client.vllm_config, names[0], getattr(args, "cna_circuits_root", REPO_CIRCUITS)
         )
         m = metrics()
         m.rows_capacity.set(catalog.capacity)
@@ -108,7 +87,7 @@ class SteeringEndpointPlugin:
         limits = _limits(args)
         variants = Variants(names[0], frozenset([*names, *_lora_names(args)]))
         for name, raw in getattr(args, "cna_steered_models", ()):  # checked at start-up (prepare_args)
-            variants.add(name, validate_spec(raw, limits, catalog.circuits, f"--steered-model {name}"))
+            variants.add(name, validate_spec(raw, limits, catalog.catalogue, f"--steered-model {name}"))
         state.cna_steering = ServerState(
             catalog=catalog,
             limits=limits,
@@ -157,7 +136,7 @@ def make_parser() -> Any:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from cna_vllm.models import DEFAULT_MODEL
+    from cna_vllm.embedded import DEFAULT_MODEL
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="cna-vllm serve", description=__doc__))
     g = parser.add_argument_group("cna-vllm steering")
@@ -239,8 +218,8 @@ def make_parser() -> Any:
 
 def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     """Resolve the model and circuits and set the steered-engine arguments on ``args``."""
-    from cna_vllm.engine.llm import engine_kwargs
-    from cna_vllm.models import EMBEDDED, model_alias
+    from cna_vllm.embedded import EMBEDDED, model_alias
+    from cna_vllm.engine.config import engine_kwargs
 
     _limits(args)  # fail early on bad bounds
     from cna_vllm.errors import SteeringError
@@ -252,11 +231,8 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.hot_load_neurons < 0:
         raise SteeringError(f"--hot-load-neurons must be at least 0, got {args.hot_load_neurons}")
     cpu_defaults(args)
-    if args.enable_hot_load:
-        from cna_vllm.server.auth import api_tokens
-
-        if args.host not in ("127.0.0.1", "localhost", "::1") and not api_tokens(args):
-            raise SteeringError(
+    if args.enable_hot_load and args.host not in ("127.0.0.1", "localhost", "::1") and not api_tokens(args):
+        raise SteeringError(
                 "--enable-hot-load on a server that listens beyond loopback needs --api-key "
                 "(or --host 127.0.0.1): it reads files on the server"
             )
@@ -294,7 +270,7 @@ def prepare_args(args: argparse.Namespace) -> argparse.Namespace:
     if not args.served_model_name:  # the name the user gave, not the prepared directory
         args.served_model_name = [alias if model in EMBEDDED else model]
     if args.steered_model:
-        from cna_vllm.engine.state import EngineSteeringConfig
+        from cna_vllm.engine.config import EngineSteeringConfig
 
         circuits_now = EngineSteeringConfig.from_additional_config(args.additional_config).load_circuits()
         served = args.served_model_name
@@ -316,62 +292,11 @@ def cpu_defaults(args: argparse.Namespace) -> None:
     fails to start when anything else holds 2 GiB. Here: a 4 GiB KV cache
     (``VLLM_CPU_KVCACHE_SPACE``) and an 8192-token context, unless the user set either.
     """
-    from cna_vllm.engine.llm import has_cuda
-
     if has_cuda():
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
     if args.max_model_len is None:
         args.max_model_len = CPU_MAX_MODEL_LEN
-
-
-async def run_server(args: argparse.Namespace, **uvicorn_kwargs: Any) -> None:
-    """vLLM's single-process ``run_server``, with :class:`SteeringEndpointPlugin` attached."""
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
-    from vllm.entrypoints.launchers.utils.server_utils import get_uvicorn_log_config
-    from vllm.envs import VLLM_HTTP_TIMEOUT_KEEP_ALIVE
-
-    def _interrupt_init(*_: Any) -> None:
-        raise KeyboardInterrupt("terminated")
-
-    signal.signal(signal.SIGTERM, _interrupt_init)
-    plugin = SteeringEndpointPlugin()
-    listen_address, sock = setup_server(args, reuse_port=False)
-    log_config = get_uvicorn_log_config(args)
-    if log_config is not None:
-        uvicorn_kwargs["log_config"] = log_config
-    async with build_async_engine_client(args) as engine_client:
-        supported_tasks = await engine_client.get_supported_tasks()
-        app = build_app(args, supported_tasks, engine_client.model_config)
-        plugin.attach_router(app)
-        await init_app_state(engine_client, app.state, args, supported_tasks)
-        await plugin.init_state(engine_client, app.state, args)
-        logger.info("cna-vllm server on %s", listen_address)
-        shutdown_task = await serve_http(
-            app,
-            sock=sock,
-            enable_ssl_refresh=args.enable_ssl_refresh,
-            host=args.host,
-            port=args.port,
-            log_level=args.uvicorn_log_level,
-            access_log=not args.disable_uvicorn_access_log,
-            timeout_keep_alive=VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-            ssl_keyfile=args.ssl_keyfile,
-            ssl_certfile=args.ssl_certfile,
-            ssl_ca_certs=args.ssl_ca_certs,
-            ssl_cert_reqs=args.ssl_cert_reqs,
-            ssl_ciphers=args.ssl_ciphers,
-            h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
-            h11_max_header_count=args.h11_max_header_count,
-            **uvicorn_kwargs,
-        )
-    try:
-        await shutdown_task
-    finally:
-        sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,5 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     except (CnaError, ValueError) as exc:
         print(f"cna-vllm serve: error: {exc}", flush=True)
         return 2
-    uvloop.run(run_server(args))
+    from cna_vllm.patches.server import run_server
+
+    uvloop.run(run_server(args, SteeringEndpointPlugin()))
     return 0
+
+
+def api_tokens(args: Any) -> list[str]:
+    """The server's API keys, as vLLM reads them (``--api-key`` or ``VLLM_API_KEY``)."""
+    from vllm import envs
+
+    keys = getattr(args, "api_key", None)
+    keys = [keys] if isinstance(keys, str) else (keys or [envs.VLLM_API_KEY])
+    return [k for k in keys if k]

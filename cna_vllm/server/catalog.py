@@ -1,23 +1,29 @@
-"""The circuits catalogue one server steers with, and hints about circuits of other models."""
+"""What one server shows of its engine's sources: ``/v1/circuits`` cards and hot-load checks.
+
+The sources themselves are the engine's :class:`~cna_vllm.catalogue.Catalogue` in this process
+(:func:`cna_vllm.engine.intake.catalogue`, read once from the engine's ``additional_config``);
+this class adds the pinned file entries, the model and capacity, and foreign-name hints.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cna_vllm.engine.state import CONFIG_KEY, EngineSteeringConfig, Source, file_sha256
+from cna_vllm import sources
+from cna_vllm.catalogue import Catalogue, as_catalogue
+from cna_vllm.engine.config import EngineSteeringConfig
 from cna_vllm.errors import CnaError
 from cna_vllm.server.schema import ApiError
+from cna_vllm.sources import Source
 from cna_vllm.steering import MODES, VECTOR_MODES, is_vector_set
-from cna_vllm.vectors import load_any
 
 
 @dataclass
 class Catalog:
-    """Circuits loaded in the engine (name -> circuit or vector set, and file entry) plus foreign-name hints."""
+    """Sources loaded in the engine (by name, with their pinned file entries) plus foreign-name hints."""
 
     circuits: dict[str, Source]
     entries: dict[str, dict[str, str]]
@@ -26,17 +32,29 @@ class Catalog:
     capacity: int
     foreign: dict[str, str] = field(default_factory=dict)
     hot_load_neurons: int = 0
+    catalogue: Catalogue = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.catalogue = as_catalogue(self.circuits, self.foreign)
+        self.catalogue.foreign.update(self.foreign)
+        self.circuits, self.foreign = self.catalogue.sources, self.catalogue.foreign  # one dict each, shared
 
     @classmethod
-    def from_additional_config(
-        cls, additional: Any, model_dir: str, model_name: str, circuits_root: Path | None = None
-    ) -> Catalog:
-        """Read the engine's own ``additional_config`` section (the single source of truth)."""
-        cfg = EngineSteeringConfig.from_additional_config(additional)
-        circuits = cfg.load_circuits()
-        foreign = scan_foreign(circuits_root, model_name, set(circuits)) if circuits_root else {}
+    def from_engine(cls, vllm_config: Any, model_name: str, circuits_root: Path | None = None) -> Catalog:
+        """The catalogue of the engine this process serves (the single source of truth)."""
+        from cna_vllm.engine.intake import catalogue
+
+        cfg = EngineSteeringConfig.from_additional_config(vllm_config.additional_config)
+        shared = catalogue(vllm_config)
+        if circuits_root:
+            shared.foreign.update(sources.scan_foreign(circuits_root, model_name, set(shared)))
         return cls(
-            circuits, dict(cfg.circuits), model_dir, model_name, cfg.max_steering_configs, foreign, cfg.hot_load_neurons
+            shared,  # type: ignore[arg-type] - a Catalogue is the mapping it wraps
+            dict(cfg.circuits),
+            vllm_config.model_config.model,
+            model_name,
+            cfg.max_steering_configs,
+            hot_load_neurons=cfg.hot_load_neurons,
         )
 
     def describe(self, name: str) -> dict[str, Any]:
@@ -51,14 +69,14 @@ class Catalog:
         meta["modes"] = list(VECTOR_MODES if is_vector_set(circuit) else MODES)
         return meta
 
-    def add(self, name: str, circuit: Source, entry: dict[str, str]) -> None:
-        self.circuits[name] = circuit
-        self.entries[name] = entry
+    def add(self, name: str, circuit: Source, entry: sources.Entry) -> None:
+        self.catalogue.add(name, circuit)
+        self.entries[name] = entry.to_dict()
 
     def listing(self) -> dict[str, Any]:
         return {"object": "list", "data": [self.describe(n) for n in sorted(self.circuits)]}
 
-    def check_hot_load(self, path: str, roots: Sequence[Path] = ()) -> tuple[Source, dict[str, str], bool]:
+    def check_hot_load(self, path: str, roots: Sequence[Path] = ()) -> tuple[Source, sources.Entry, bool]:
         """Validate a server-side circuit file for this model: ``(circuit, entry, already_loaded)``.
 
         The file must lie (after resolving links) inside one of ``roots``; that is checked before
@@ -79,16 +97,15 @@ class Catalog:
         if not p.is_file():  # missing, a directory, a device: one answer, no oracle for what exists
             raise ApiError("no readable circuit file at this path", param="path", code="invalid_circuit")
         try:
-            circuit = load_any(p)
-            circuit.validate_for(self.model_dir)
-            entry = {"path": str(p), "sha256": file_sha256(p)}
+            circuit = sources.validate(sources.load(p), self.model_dir)
+            entry = sources.Entry.of(p)
         except OSError:
             raise ApiError("no readable circuit file at this path", param="path", code="invalid_circuit") from None
         except CnaError as exc:
             code = "circuit_model_mismatch" if "another model" in str(exc) else "invalid_circuit"
             raise ApiError(str(exc), param="path", code=code) from None
         loaded = self.entries.get(circuit.name)
-        same = loaded is not None and loaded.get("sha256") == entry["sha256"]
+        same = loaded is not None and loaded.get("sha256") == entry.sha256
         if loaded is not None and not same:
             raise ApiError(
                 f"a different circuit named {circuit.name!r} is already loaded; pick another name",
@@ -97,31 +114,3 @@ class Catalog:
                 code="circuit_exists",
             )
         return circuit, entry, same
-
-
-def scan_foreign(root: Path, model_name: str, mine: set[str]) -> dict[str, str]:
-    """``{circuit name: model alias}`` for circuits shipped under ``root/<alias>/`` for other models."""
-    out: dict[str, str] = {}
-    if not root.is_dir():
-        return out
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name != model_name):
-        for path in sorted(sub.glob("*.safetensors")):
-            name = _header_name(path) or path.stem
-            if name not in mine:
-                out.setdefault(name, sub.name)
-    return out
-
-
-def _header_name(path: Path) -> str | None:
-    """The circuit name from a safetensors header, without reading tensors."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(min(size, 1 << 20)))
-        meta: Mapping[str, str] = header.get("__metadata__", {})
-        return json.loads(meta.get("cna_vllm", "{}")).get("name")
-    except (OSError, ValueError):
-        return None
-
-
-__all__ = ["CONFIG_KEY", "Catalog", "scan_foreign"]

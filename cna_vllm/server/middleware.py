@@ -1,11 +1,11 @@
 """Pure ASGI middleware that turns the ``steering`` field into vLLM's own request fields.
 
-For ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body,
-validates ``steering`` (:func:`~cna_vllm.server.schema.parse_steering`), and rewrites it
-into ``vllm_xargs={"steering": "<canonical JSON>"}``. It is a convenience layer, not the
-safety boundary: every request, on every route, is validated and salted again at intake
-(:mod:`cna_vllm.engine.intake`), and the scheduler caps distinct specs
-(:mod:`cna_vllm.engine.admission`).
+For ``POST /v1/chat/completions`` and ``/v1/completions`` it reads the JSON body, parses
+and validates ``steering`` against the engine's catalogue (:func:`~cna_vllm.server.schema.parse_steering`),
+and rewrites it into ``vllm_xargs={"steering": <wire form>}``. It is the HTTP edge, not the
+safety boundary: intake (:mod:`cna_vllm.engine.intake`) checks every request on every route,
+finding this spec already parsed and validated in this process, and the scheduler caps
+distinct specs (:mod:`cna_vllm.engine.admission`).
 The rewritten request then goes to vLLM's stock handler, so chat templates, streaming,
 stop strings, logprobs and disconnect-aborts are vLLM's. Every response carries
 ``x-cna-steering`` (compact spec or ``none``) and ``x-cna-steering-fingerprint``.
@@ -30,12 +30,12 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cna_vllm.engine.intake import check_user_salt
-from cna_vllm.engine.llm import AdmissionRefused
+from cna_vllm.engine.admission import AdmissionRefused
 from cna_vllm.errors import SteeringError
 from cna_vllm.server.schema import ApiError, echo, parse_steering
+from cna_vllm.server.state import ServerState, server_state
 from cna_vllm.server.variants import Variant
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.steering import SteeringSpec, check_user_salt
 
 STEERED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 MODELS_PATH = "/v1/models"
@@ -102,7 +102,7 @@ async def _send_error(send: Send, err: ApiError, headers: list[tuple[bytes, byte
 
 
 class SteeringMiddleware:
-    """See the module docstring. State lives in ``app.state.cna_steering`` (a ``ServerState``)."""
+    """See the module docstring. State lives in ``app.state.cna_steering`` (a :class:`ServerState`)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -122,7 +122,7 @@ class SteeringMiddleware:
         if "json" not in Headers(scope=scope).get("content-type", "").lower():
             await self.app(scope, receive, send)  # vLLM refuses non-JSON bodies; intake checks the rest
             return
-        state = getattr(scope["app"].state, "cna_steering", None)
+        state = server_state(scope["app"])
         try:
             limit = state.max_request_bytes if state else 4 << 20
             body, gone = await _read_body(receive, limit)
@@ -163,7 +163,7 @@ class SteeringMiddleware:
 
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         """vLLM's ``/v1/models`` with a card per steered variant appended."""
-        state = getattr(scope["app"].state, "cna_steering", None)
+        state = server_state(scope["app"])
         if state is None or not len(state.variants):
             await self.app(scope, receive, send)
             return
@@ -190,7 +190,7 @@ class SteeringMiddleware:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     @staticmethod
-    def _rewrite(data: dict[str, Any], state: Any, variant: Variant | None = None) -> SteeringSpec:
+    def _rewrite(data: dict[str, Any], state: ServerState, variant: Variant | None = None) -> SteeringSpec:
         xargs = data.get("vllm_xargs")
         if isinstance(xargs, dict) and "steering" in xargs:
             raise ApiError(
@@ -200,17 +200,17 @@ class SteeringMiddleware:
         try:  # intake refuses it on every path; here HTTP clients get a 400 with its own code
             check_user_salt(data.get("cache_salt"))
         except SteeringError as exc:
-            raise ApiError(str(exc), param="cache_salt", code="reserved_cache_salt") from None
+            raise ApiError.of(exc) from None
         raw = data.pop("steering", None)
         if variant is not None:  # the variant's items, then the field's, validated as one
-            spec = state.variants.combine(variant, raw, state.limits, state.catalog.circuits, state.catalog.foreign)
+            spec = state.variants.combine(variant, raw, state.limits, state.catalog.catalogue)
             data["model"] = state.variants.base
         else:
-            spec = parse_steering(raw, state.limits, state.catalog.circuits, foreign=state.catalog.foreign)
+            spec = parse_steering(raw, state.limits, state.catalog.catalogue)
         if spec:
             xargs = dict(xargs) if isinstance(xargs, dict) else {}
-            xargs["steering"] = json.dumps(spec.to_list(), separators=(",", ":"))
-            data["vllm_xargs"] = xargs  # validated again and salted at intake (engine/intake.py), for every path
+            xargs["steering"] = spec.to_wire()
+            data["vllm_xargs"] = xargs  # intake (engine/intake.py) salts it, for every path
         return spec
 
     async def _forward(
@@ -220,7 +220,7 @@ class SteeringMiddleware:
         send: Send,
         data: dict,
         spec: SteeringSpec,
-        state: Any,
+        state: ServerState,
         endpoint: str,
         variant: Variant | None = None,
     ) -> None:

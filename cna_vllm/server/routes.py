@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cna_vllm.engine.llm import add_to_engine
 from cna_vllm.errors import SteeringError
 from cna_vllm.server.schema import ApiError, parse_steering
+from cna_vllm.server.state import ServerState, server_state
 
 router = APIRouter()
 
@@ -36,8 +37,8 @@ def _error(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-def _state(request: Request) -> Any:
-    state = getattr(request.app.state, "cna_steering", None)
+def _state(request: Request) -> ServerState:
+    state = server_state(request.app)
     if state is None:
         raise ApiError("this server has no steering engine", status=503, param=None, code="steering_unavailable")
     return state
@@ -74,7 +75,7 @@ async def get_circuit(name: str, request: Request) -> JSONResponse:
         return _error(err)
 
 
-def _check_hot_load(state: Any, what: str) -> None:
+def _check_hot_load(state: ServerState, what: str) -> None:
     if not state.hot_load_enabled:
         raise ApiError(
             f"{what} while serving is off; start the server with --enable-hot-load",
@@ -84,7 +85,7 @@ def _check_hot_load(state: Any, what: str) -> None:
         )
 
 
-async def _admin_request(request: Request, model: type[BaseModel], what: str) -> tuple[Any, Any]:
+async def _admin_request(request: Request, model: type[BaseModel], what: str) -> tuple[ServerState, Any]:
     """``(server state, validated body)`` for an admin route behind ``--enable-hot-load``."""
     state = _state(request)
     try:
@@ -114,7 +115,7 @@ async def add_steered_model(request: Request) -> JSONResponse:
         state, body = await _admin_request(request, SteeredModelRequest, "adding steered models")
         if body.steering is None:
             raise ApiError("a steered model needs a non-empty steering spec", code="invalid_steering")
-        spec = parse_steering(body.steering, state.limits, state.catalog.circuits, foreign=state.catalog.foreign)
+        spec = parse_steering(body.steering, state.limits, state.catalog.catalogue)
         variants = state.variants
         old = variants.get(body.name)
         if old is not None and old.spec != spec:

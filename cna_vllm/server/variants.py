@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cna_vllm.errors import SteeringError
-from cna_vllm.server.schema import ApiError, SteeringLimits, parse_steering
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.server.schema import ApiError, parse_steering
+from cna_vllm.steering import SteeringLimits, SteeringSpec
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}")
 """A variant name: 1-128 characters, letters, digits and ``._:/+-``, starting with a letter or digit."""
@@ -123,12 +123,12 @@ class Variants:
         circuits: Mapping[str, Any],
         foreign: Mapping[str, str] | None = None,
     ) -> SteeringSpec:
-        """The variant's items, then those of the request's ``steering`` field, validated as one spec."""
+        """The variant's items, then those of the request's ``steering`` field, checked as one spec."""
         if raw is None:
             return variant.spec
         extra = parse_steering(raw, limits, circuits, foreign=foreign)
         try:
-            return parse_steering([*variant.spec.to_list(), *extra.to_list()], limits, circuits, foreign=foreign)
+            return parse_steering(SteeringSpec(variant.spec.items + extra.items), limits, circuits, foreign=foreign)
         except ApiError as err:
             message = (
                 f"model {variant.name!r} steers with {variant.spec}; with the request's steering "

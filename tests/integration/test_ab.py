@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from cna_vllm.embedded import SMALL_MODEL
 from cna_vllm.evaluate.judge import is_refusal
-from cna_vllm.models import SMALL_MODEL
 
 from .procs import REPO, _start, _wait_ready
 

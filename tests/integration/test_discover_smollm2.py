@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
-from cna_vllm.circuit import Circuit, scan_dir
-from cna_vllm.models import DEFAULT_MODEL, SMALL_MODEL, ModelIdentity, resolve_model
+from cna_vllm.circuit import Circuit
+from cna_vllm.embedded import DEFAULT_MODEL, SMALL_MODEL, resolve_model
+from cna_vllm.identity import ModelIdentity
+from cna_vllm.sources import scan_dir
 
 pytestmark = pytest.mark.slow
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]

@@ -22,7 +22,8 @@ from hf_reference import HFReference
 from tiny_models import ARCHS, VOCAB, make_tiny
 
 from cna_vllm.circuit import Circuit
-from cna_vllm.models import ModelIdentity, resolve_model
+from cna_vllm.embedded import resolve_model
+from cna_vllm.identity import ModelIdentity
 from cna_vllm.steering import SteeringSpec
 from cna_vllm.vectors import VectorSet
 
@@ -322,7 +323,7 @@ def test_bypassing_the_front_end_past_capacity_waits_in_the_scheduler(tiny_root)
     output equals the HF reference. Also: an unknown circuit sent straight to vLLM is refused
     at intake (patch P5) and the engine goes on."""
     model_dir, circuits, ref = tiny_setup("LlamaForCausalLM", tiny_root)
-    from cna_vllm.engine.llm import steer_request
+    from cna_vllm.engine.admission import steer_request
 
     specs = ["a@0", "a@2", "b@0", None, "b@0", "a@1:patch"]
     lengths = [3, 9, 5, 7, 2, 6]
@@ -430,9 +431,9 @@ def test_startup_checks_on_a_real_config(tiny_root):
     """check_supported passes on SteeredLLM's config and names what is missing otherwise."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from cna_vllm.engine.llm import engine_kwargs
-    from cna_vllm.engine.patches import check_supported
+    from cna_vllm.engine.config import engine_kwargs
     from cna_vllm.errors import CircuitError, SteeringError
+    from cna_vllm.patches.engine import check_supported
 
     model_dir, circuits, _ = tiny_setup("LlamaForCausalLM", tiny_root)
     kw, loaded = engine_kwargs(model_dir, circuits, max_model_len=256, skip_tokenizer_init=True)

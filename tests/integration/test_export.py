@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_reference import HFReference
 
-from cna_vllm.circuit import load_dir
-from cna_vllm.cli import REPO_CIRCUITS, main
+from cna_vllm.cli import main
+from cna_vllm.embedded import SMALL_MODEL, resolve_model
 from cna_vllm.export import VLLM_MAX_LORA_RANKS, export, read_metadata
-from cna_vllm.models import SMALL_MODEL, resolve_model
+from cna_vllm.sources import REPO_CIRCUITS, load_dir
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cna_vllm import models
-from cna_vllm.circuit import scan_dir
+from cna_vllm import embedded as models
 from cna_vllm.cli import build_parser
+from cna_vllm.embedded import EMBEDDED, LARGE_MODEL, PREPARED_MARKER, gguf_layout_problems
 from cna_vllm.errors import ModelError
-from cna_vllm.models import EMBEDDED, LARGE_MODEL, PREPARED_MARKER, gguf_layout_problems
+from cna_vllm.sources import scan_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = EMBEDDED[LARGE_MODEL]

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cna_vllm.models import SMALL_MODEL
+from cna_vllm.embedded import SMALL_MODEL
 
 from .procs import REPO, _start, _wait_ready
 

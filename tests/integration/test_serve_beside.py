@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cna_vllm.models import SMALL_MODEL, resolve_model
+from cna_vllm.embedded import SMALL_MODEL, resolve_model
 
 from .procs import _start, _wait_ready
 

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from cna_vllm.circuit import Circuit
-from cna_vllm.models import SMALL_MODEL, resolve_model
+from cna_vllm.embedded import SMALL_MODEL, resolve_model
 from cna_vllm.vectors import VectorSet
 
 from .procs import REPO, Proc, _start, _wait_ready
@@ -138,8 +138,8 @@ def generate(url: str, kind: str, payload: dict, headers: dict | None = None) ->
 
 def compact(steering) -> str:
     """What the server echoes for ``steering`` (its canonical compact form)."""
-    from cna_vllm.server.schema import SteeringLimits, echo, parse_steering
-
+    from cna_vllm.server.schema import echo, parse_steering
+    from cna_vllm.steering import SteeringLimits
     return echo(parse_steering(steering, SteeringLimits(), {"refusal": 1, "refusal-top": 1}))
 
 

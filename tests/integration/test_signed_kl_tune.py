@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from cna_vllm.circuit import Circuit
+from cna_vllm.embedded import SMALL_MODEL
 from cna_vllm.evaluate.backends import EngineBackend
 from cna_vllm.evaluate.kl import kl_summary
-from cna_vllm.models import SMALL_MODEL
 from cna_vllm.steering import SteeringSpec
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from cna_vllm.circuit import FORMAT, Circuit, load_dir
+from cna_vllm.circuit import Circuit
 from cna_vllm.errors import CircuitError
-from cna_vllm.models import ModelIdentity
+from cna_vllm.fileformat import FORMAT
+from cna_vllm.identity import ModelIdentity
+from cna_vllm.sources import load_dir
 
 from .planted import planted_model
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from cna_vllm.engine.intake import SALT_PREFIX, check_request, compose_salt
+from cna_vllm.engine.intake import check_request
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.steering import SALT_PREFIX, SteeringSpec
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
@@ -28,7 +30,8 @@ def check(req: EngineCoreRequest) -> EngineCoreRequest:
 def test_steered_requests_get_a_fixed_length_steering_keyed_salt():
     spec = SteeringSpec.parse("refusal@0")
     req = check(request('[{"circuit":"refusal","multiplier":-0.0}]'))  # JSON text, -0.0: canonicalised
-    assert req.sampling_params.extra_args["steering"] == spec.to_list()
+    assert req.sampling_params.extra_args["steering"] == spec.to_wire()  # the one wire form
+    assert SteeringSpec.from_params(req.sampling_params).to_list() == spec.to_list()
     assert req.cache_salt == SALT_PREFIX + spec.fingerprint()
     long_user = "u" * 128  # vLLM's cap on a user salt; the composed salt stays short
     salted = check(request("refusal@0", salt=long_user)).cache_salt
@@ -58,7 +61,7 @@ def test_names_and_modes_are_checked_against_the_catalogue():
 
 def test_negative_zero_is_zero():
     a, b = SteeringSpec.parse("refusal@-0.0"), SteeringSpec.parse("refusal@0")
-    assert a.fingerprint() == b.fingerprint() and compose_salt(a, None) == compose_salt(b, None)
+    assert a.fingerprint() == b.fingerprint() and a.cache_salt(None) == b.cache_salt(None)
 
 
 def test_signed_parts_pass_intake_and_empty_or_vector_parts_are_refused():
@@ -67,7 +70,7 @@ def test_signed_parts_pass_intake_and_empty_or_vector_parts_are_refused():
     req = request("refusal[pos]@0")
     check_request(None, req, circuits=catalogue)
     want = [{"circuit": "refusal[pos]", "mode": "scale", "multiplier": 0.0}]
-    assert req.sampling_params.extra_args["steering"] == want
+    assert json.loads(req.sampling_params.extra_args["steering"]) == want
     assert req.cache_salt != check(request("refusal@0")).cache_salt
     for bad, match in (("refusal[neg]@0", "no neurons"), ("refusal-caa[pos]@1:shift", "no signed parts"),
                        ("refusal[x]@0", "unknown part")):

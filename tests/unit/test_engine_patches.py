@@ -19,7 +19,7 @@ def test_every_v1_runner_binds_its_token_offsets():
     """Issue #9: the token -> request map comes from the runner, so every V1 runner must bind it."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from cna_vllm.engine.patches import install_runner_binding
+    from cna_vllm.patches.engine import install_runner_binding
 
     for module in ("vllm.v1.worker.cpu_model_runner", "vllm.v1.worker.xpu_model_runner"):
         importlib.import_module(module)
@@ -38,7 +38,7 @@ def test_bad_steering_is_a_vllm_client_error_and_a_steering_error():
     """vLLM's AsyncLLM turns any non-client exception into a 500 with an empty message."""
     from vllm.exceptions import VLLMClientError
 
-    from cna_vllm.engine.patches import client_error
+    from cna_vllm.patches.requests import client_error
 
     err = client_error(SteeringError("unknown circuit 'nope'"))
     assert isinstance(err, SteeringError) and isinstance(err, ValueError) and isinstance(err, VLLMClientError)

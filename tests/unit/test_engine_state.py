@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from cna_vllm.engine.admission import AdmissionRefused, SpecGate, plan_waves
+from cna_vllm.engine.columns import LayerColumns, shard_index
+from cna_vllm.engine.config import EngineSteeringConfig
 from cna_vllm.engine.layers import SteeredActivation
-from cna_vllm.engine.llm import AdmissionRefused, SpecGate, plan_waves
-from cna_vllm.engine.state import EngineSteeringConfig, LayerColumns, SteeringState, shard_index
+from cna_vllm.engine.row_table import SteeringState
 from cna_vllm.errors import SteeringError
 from cna_vllm.steering import SteeringSpec
 from cna_vllm.vectors import VectorSet
@@ -225,7 +227,7 @@ def test_vector_rows_hold_summed_offsets():
 
 
 def test_offset_mlp_is_exact_for_row0_and_keeps_weight_names():
-    from cna_vllm.engine.patches import add_output_offset
+    from cna_vllm.patches.engine import add_output_offset
 
     st = make_state()
     st.apply_batch_update(update(added=[(0, "v@1:shift"), (1, None)]))
@@ -284,7 +286,7 @@ def test_layer_columns_are_distinct_and_tp_local():
 
 def test_engine_config_roundtrip_and_errors(tmp_path):
     path = CIRCUITS["a"].save(tmp_path / "a.safetensors")
-    from cna_vllm.engine.state import file_sha256
+    from cna_vllm.sources import file_sha256
 
     cfg = EngineSteeringConfig({"a": {"path": str(path), "sha256": file_sha256(path)}}, 5)
     back = EngineSteeringConfig.from_additional_config({"cna_vllm": cfg.to_dict()})
@@ -327,25 +329,27 @@ def test_spec_gate_waits_for_a_free_row():
     asyncio.run(run())
 
 
-def test_steering_info_reports_bounded_table_memory():
-    from cna_vllm.engine.llm import steering_info
+def test_table_memory_is_bounded_by_the_sparse_index():
+    from cna_vllm.rows import union_neurons, vector_layers
 
-    info = steering_info(CIRCUITS, 64)
-    assert info["steerable_neurons"] == 4 and info["layers"] == [0, 1] and info["offset_layers"] == [1, 2]
+    union = union_neurons(CIRCUITS.values())
+    assert sum(len(v) for v in union.values()) == 4 and sorted(union) == [0, 1]
+    assert vector_layers(CIRCUITS.values()) == [1, 2]
     st = make_state(capacity=64)
-    assert info["table_bytes"] == st.table_bytes() == 4 * 65 * (2 * 4 + 2 * H)
+    assert st.table_bytes() == 4 * 65 * (2 * 4 + 2 * H)  # float32 scale + bias per neuron, one offset per layer
 
 
 def test_spec_in_sampling_params_is_honoured_and_salted():
-    from cna_vllm.engine.llm import effective_spec, steer_request
-
+    from cna_vllm.engine.admission import steer_request
+    from cna_vllm.engine.llm import effective_spec
     sp = params("a@0")
     spec = effective_spec(SteeringSpec(), sp)
     assert spec.to_list() == SteeringSpec.parse("a@0").to_list()
     assert effective_spec(SteeringSpec.parse("b@1"), sp).to_list()[0]["circuit"] == "b"
     prompt, new = steer_request("hi", sp, spec)
     assert prompt == "hi"  # the salt is composed at intake (test_engine_intake.py), for every path
-    assert new.extra_args["steering"] == spec.to_list() and sp.extra_args["steering"] == spec.to_list()
+    assert new.extra_args["steering"] == spec.to_wire()  # the one wire form
+    assert SteeringSpec.from_params(new) == SteeringSpec.from_params(sp) == spec
     prompt, new = steer_request({"prompt_token_ids": [1], "cache_salt": "user"}, sp, spec)
     assert prompt["cache_salt"] == "user"
     prompt, new = steer_request("hi", sp, SteeringSpec())

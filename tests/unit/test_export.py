@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cna_vllm.circuit import load_dir
 from cna_vllm.cli import main
 from cna_vllm.errors import CircuitError, ExportError, SteeringError
 from cna_vllm.export import METADATA_FILE, export, read_metadata
+from cna_vllm.sources import load_dir
 from cna_vllm.vectors import VectorSet
 
 from ..hf_reference import HFReference

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from cna_vllm import models
+from cna_vllm import embedded as models
+from cna_vllm.embedded import EmbeddedModel, model_alias, resolve_model
 from cna_vllm.errors import ModelError
-from cna_vllm.models import EmbeddedModel, ModelIdentity, model_alias, resolve_model, weights_fingerprint
+from cna_vllm.identity import ModelIdentity, weights_fingerprint
 
 from .planted import planted_model
 

@@ -86,7 +86,7 @@ def test_router_serves_nothing_else():
 
 
 def _plugin_app(**args) -> FastAPI:
-    from cna_vllm.engine.state import CONFIG_KEY
+    from cna_vllm.engine.config import CONFIG_KEY
     from cna_vllm.server.app import SteeringEndpointPlugin
 
     app = FastAPI()

@@ -12,8 +12,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from cna_vllm.errors import SteeringError
+from cna_vllm.patches.server import GuardEveryRoute
 from cna_vllm.server.app import CPU_MAX_MODEL_LEN, cpu_defaults, make_parser, prepare_args
-from cna_vllm.server.auth import GuardEveryRoute
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--max-steering-configs", "0"), ("--hot-load-neurons", "-1")])
@@ -61,12 +61,12 @@ def test_hot_load_is_opt_in_and_needs_a_key_beyond_loopback():
 
     from fastapi import FastAPI
 
-    from cna_vllm.engine.llm import SpecGate
-    from cna_vllm.server.app import ServerState
+    from cna_vllm.engine.admission import SpecGate
     from cna_vllm.server.catalog import Catalog
     from cna_vllm.server.metrics import metrics
     from cna_vllm.server.routes import router
-    from cna_vllm.server.schema import SteeringLimits
+    from cna_vllm.server.state import ServerState
+    from cna_vllm.steering import SteeringLimits
 
     app = FastAPI()
     app.include_router(router)

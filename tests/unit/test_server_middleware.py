@@ -10,13 +10,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from cna_vllm.engine.llm import SpecGate
-from cna_vllm.server.app import ServerState
+from cna_vllm.engine.admission import SpecGate
 from cna_vllm.server.catalog import Catalog
 from cna_vllm.server.metrics import metrics
 from cna_vllm.server.middleware import SteeringMiddleware
-from cna_vllm.server.schema import SteeringLimits
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.server.state import ServerState
+from cna_vllm.steering import SteeringLimits, SteeringSpec
 
 
 async def echo_body(request: Request) -> JSONResponse:

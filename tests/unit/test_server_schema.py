@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from cna_vllm.server.schema import ApiError, SteeringLimits, echo, parse_steering
-from cna_vllm.steering import SteeringItem, SteeringSpec
+from cna_vllm.rows import to_rows
+from cna_vllm.server.schema import ApiError, echo, parse_steering
+from cna_vllm.steering import SteeringItem, SteeringLimits, SteeringSpec
 
 CIRCUITS = {"refusal": object(), "other": object()}
 LIMITS = SteeringLimits(max_items=4, max_abs_multiplier=10.0, max_abs_alpha=2.0)
@@ -134,7 +135,7 @@ def test_signed_parts_through_the_http_field():
                       mean_neg=[0.0, 1.0])
     circuits = {"refusal": refusal}
     spec = parse_steering({"circuit": "refusal[pos]", "multiplier": 0}, LIMITS, circuits)
-    assert echo(spec) == "refusal[pos]@0" and spec.to_rows(circuits)[0][0].tolist() == [3] and 1 not in spec.to_rows(
+    assert echo(spec) == "refusal[pos]@0" and to_rows(spec, circuits)[0][0].tolist() == [3] and 1 not in to_rows(spec,
         circuits)
     with pytest.raises(ApiError) as info:
         parse_steering("nope[pos]@0", LIMITS, circuits)

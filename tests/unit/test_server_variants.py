@@ -9,15 +9,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.testclient import TestClient
 
-from cna_vllm.engine.llm import SpecGate
+from cna_vllm.engine.admission import SpecGate
 from cna_vllm.errors import SteeringError
-from cna_vllm.server.app import ServerState
 from cna_vllm.server.catalog import Catalog
 from cna_vllm.server.metrics import metrics
 from cna_vllm.server.middleware import SteeringMiddleware
-from cna_vllm.server.schema import ApiError, SteeringLimits
+from cna_vllm.server.schema import ApiError
+from cna_vllm.server.state import ServerState
 from cna_vllm.server.variants import Variants, check_name, parse_flag, validate_spec
-from cna_vllm.steering import SteeringSpec
+from cna_vllm.steering import SteeringLimits, SteeringSpec
 
 CIRCUITS = {"refusal": object(), "other": object()}
 
@@ -158,7 +158,7 @@ def test_models_listing_and_run_time_add(client):
 @pytest.mark.slow
 def test_start_up_flags_are_checked():
     pytest.importorskip("vllm")
-    from cna_vllm.models import SMALL_MODEL
+    from cna_vllm.embedded import SMALL_MODEL
     from cna_vllm.server.app import make_parser, prepare_args
 
     def prepare(*flags: str):

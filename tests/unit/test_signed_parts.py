@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cna_vllm.circuit import PARTS, Circuit
-from cna_vllm.engine.intake import _entry
 from cna_vllm.errors import CircuitError, SteeringError
+from cna_vllm.rows import to_rows
 from cna_vllm.steering import SteeringSpec, resolve, split_part
 from cna_vllm.vectors import VectorSet
 
@@ -54,8 +54,8 @@ def test_rows_of_a_part_equal_rows_of_a_circuit_holding_only_those_neurons(circu
     for part in PARTS:
         only = circuit.part(part)
         for text in ("@0", "@2.5", "@0.7:patch", "@-1:shift"):
-            a = SteeringSpec.parse(f"refusal[{part}]{text}").to_rows({"refusal": circuit})
-            b = SteeringSpec.parse(f"x{text}").to_rows({"x": only})
+            a = to_rows(SteeringSpec.parse(f"refusal[{part}]{text}"), {"refusal": circuit})
+            b = to_rows(SteeringSpec.parse(f"x{text}"), {"x": only})
             assert a.keys() == b.keys()
             for layer in a:
                 for u, v in zip(a[layer], b[layer], strict=True):
@@ -66,9 +66,9 @@ def test_catalogue_validation(circuit):
     vectors = VectorSet(name="caa", layers=[0, 1], vectors=np.ones((2, 4), np.float32))
     lonely = Circuit(name="one", layers=[0], neurons=[1], score=[1.0], mean_pos=[2.0], mean_neg=[1.0])
     objects = {"refusal": circuit, "caa": vectors, "one": lonely}
-    metadata = {name: _entry(c) for name, c in objects.items()}
-    assert metadata["refusal"] == {"kind": "cna", "parts": circuit.part_counts()} and metadata["caa"] == {"kind": "caa"}
-    for catalogue in (objects, metadata):  # the engine's objects, and the API process's intake catalogue
+    metadata = {name: {"kind": c.kind, **({"parts": c.part_counts()} if c.kind == "cna" else {})}
+                for name, c in objects.items()}
+    for catalogue in (objects, metadata):  # the sources themselves, and catalogue metadata (name -> kind, parts)
         SteeringSpec.parse("refusal[neg]@0,one[up]@2").validate(catalogue)
         with pytest.raises(SteeringError, match="no signed parts"):
             SteeringSpec.parse("caa[pos]@1:shift").validate(catalogue)

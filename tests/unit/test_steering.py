@@ -11,7 +11,8 @@ import pytest
 
 from cna_vllm.circuit import Circuit
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import MAX_ABS_VALUE, SteeringItem, SteeringSpec, parse_many, union_neurons
+from cna_vllm.rows import to_offsets, to_rows, union_neurons
+from cna_vllm.steering import MAX_ABS_VALUE, SteeringItem, SteeringSpec, parse_many
 
 from .planted import circuit_of as circuit
 
@@ -87,7 +88,7 @@ def test_validate_unknown_circuit(circuits):
     with pytest.raises(SteeringError, match=r"unknown circuit 'nope'.*code, refusal"):
         SteeringSpec.parse("nope@0").validate(circuits)
     with pytest.raises(SteeringError, match="unknown circuit"):
-        SteeringSpec.parse("nope@0").to_rows(circuits)
+        to_rows(SteeringSpec.parse("nope@0"), circuits)
 
 
 def test_steering_error_is_value_error():
@@ -129,7 +130,7 @@ def test_modes_give_the_documented_affine_maps(circuits):
         "refusal@1.5:shift": a - 1.5 * (c.mean_pos - c.mean_neg),
     }
     for text, want in cases.items():
-        rows = SteeringSpec.parse(text).to_rows({"refusal": c})
+        rows = to_rows(SteeringSpec.parse(text), {"refusal": c})
         got = []
         for layer, neuron, x in zip(c.layers, c.neurons, a, strict=True):
             idx, s, b = rows[int(layer)]
@@ -139,7 +140,7 @@ def test_modes_give_the_documented_affine_maps(circuits):
 
 
 def test_rows_are_sorted_per_layer_and_typed(circuits):
-    rows = SteeringSpec.parse("refusal@0,code@2").to_rows(circuits)
+    rows = to_rows(SteeringSpec.parse("refusal@0,code@2"), circuits)
     assert sorted(rows) == [3, 4, 5]
     idx, s, b = rows[3]
     assert idx.tolist() == [2, 10] and idx.dtype == np.int64
@@ -154,29 +155,29 @@ def test_composition_applies_items_in_order(circuits):
     a = 0.7
 
     def apply(text):
-        idx, s, b = SteeringSpec.parse(text).to_rows(circuits)[3]
+        idx, s, b = to_rows(SteeringSpec.parse(text), circuits)[3]
         k = int(np.flatnonzero(idx == 2)[0])
         return float(s[k]) * a + float(b[k])
 
     assert apply("refusal@2,code@1:shift") == pytest.approx(2 * a - delta, rel=1e-6)
     assert apply("code@1:shift,refusal@2") == pytest.approx(2 * (a - delta), rel=1e-6)
     # a neuron in only one circuit is untouched by the other
-    idx, s, b = SteeringSpec.parse("refusal@2,code@1:shift").to_rows(circuits)[3]
+    idx, s, b = to_rows(SteeringSpec.parse("refusal@2,code@1:shift"), circuits)[3]
     k = int(np.flatnonzero(idx == 10)[0])
     assert (s[k], b[k]) == (2.0, 0.0)
 
 
 def test_identity_item_gives_identity_rows(circuits):
-    _idx, s, b = SteeringSpec.parse("refusal@1").to_rows(circuits)[3]
+    _idx, s, b = to_rows(SteeringSpec.parse("refusal@1"), circuits)[3]
     assert (s == 1).all() and (b == 0).all()
 
 
 def test_overflowing_rows_are_refused(circuits):
     huge = Circuit(name="huge", layers=[0], neurons=[0], score=[1.0], mean_pos=[3e38], mean_neg=[-3e38])
     with pytest.raises(SteeringError, match="non-finite"):
-        SteeringSpec.parse("huge@100:shift").to_rows({"huge": huge})
+        to_rows(SteeringSpec.parse("huge@100:shift"), {"huge": huge})
     text = ",".join(["refusal@100"] * 16)  # 1e32: large but finite
-    assert np.isfinite(SteeringSpec.parse(text).to_rows(circuits)[3][1]).all()
+    assert np.isfinite(to_rows(SteeringSpec.parse(text), circuits)[3][1]).all()
 
 
 def test_parse_many_per_prompt_and_shared():
@@ -209,7 +210,8 @@ def test_importable_without_vllm():
 
 
 def test_vector_sets_take_shift_only_and_their_offsets_add_up(circuits):
-    from cna_vllm.steering import is_vector_set, vector_layers
+    from cna_vllm.rows import vector_layers
+    from cna_vllm.steering import is_vector_set
     from cna_vllm.vectors import VectorSet
 
     v = VectorSet(name="v", layers=[1, 3], vectors=np.ones((2, 4)))
@@ -221,10 +223,10 @@ def test_vector_sets_take_shift_only_and_their_offsets_add_up(circuits):
     with pytest.raises(SteeringError, match="not 'patch'"):
         SteeringSpec.parse("v@1:patch").validate(known)
     spec = SteeringSpec.parse("v@0.5:shift,code@0,w@-1:shift")
-    offsets = spec.to_offsets(known)
+    offsets = to_offsets(spec, known)
     assert sorted(offsets) == [1, 3] and offsets[1].dtype == np.float32
     assert np.array_equal(offsets[1], np.full(4, -0.5)) and np.array_equal(offsets[3], np.full(4, 1.5))
-    assert spec.to_rows(known).keys() == SteeringSpec.parse("code@0").to_rows(known).keys()  # vectors skip rows
-    assert SteeringSpec.parse("code@0").to_offsets(known) == {}
+    assert to_rows(spec, known).keys() == to_rows(SteeringSpec.parse("code@0"), known).keys()  # vectors skip rows
+    assert to_offsets(SteeringSpec.parse("code@0"), known) == {}
     assert union_neurons(known.values()).keys() == union_neurons(circuits.values()).keys()
     assert vector_layers(known.values()) == [1, 3]

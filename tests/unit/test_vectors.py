@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from cna_vllm import sources
 from cna_vllm.circuit import Circuit
 from cna_vllm.discover import caa_vectors, decoder_layers
 from cna_vllm.errors import CircuitError, CnaError
-from cna_vllm.models import ModelIdentity
-from cna_vllm.vectors import VectorSet, load_any
+from cna_vllm.identity import ModelIdentity
+from cna_vllm.vectors import VectorSet
 
 from .planted import planted_model, token_sets
 
@@ -56,7 +57,7 @@ def test_round_trip_kind_dispatch_and_validation(tmp_path):
     loaded = VectorSet.load(path, IDENT)
     np.testing.assert_array_equal(loaded.vectors, vs.vectors)
     assert loaded.site == "residual" and loaded.metadata()["kind"] == "caa"
-    assert isinstance(load_any(path), VectorSet)
+    assert isinstance(sources.load(path), VectorSet) and sources.kind_of(path) == "caa"
     with pytest.raises(CircuitError, match="steering vectors, not a neuron circuit"):
         Circuit.load(path)
     with pytest.raises(CircuitError, match="hidden size"):

@@ -13,8 +13,8 @@ from collections import Counter
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cna_vllm.embedded import resolve_model
 from cna_vllm.evaluate.mmlu import LETTERS, load_mmlu
-from cna_vllm.models import resolve_model
 
 N = 60
 model_dir = resolve_model("qwen2.5-coder-0.5b-instruct")

@@ -20,158 +20,19 @@ How a step flows (V1 model runner):
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cna_vllm.circuit import Circuit
+from cna_vllm.engine.columns import LayerColumns, shard_index
 from cna_vllm.errors import SteeringError
-from cna_vllm.steering import SteeringSpec, is_vector_set, union_neurons, vector_layers
-from cna_vllm.vectors import VectorSet, load_any
-
-Source = Circuit | VectorSet
-"""What a steering item names: a neuron circuit or a CAA vector set."""
-
-logger = logging.getLogger(__name__)
-
-CONFIG_KEY = "cna_vllm"
-"""Key of cna-vllm's section in vLLM's ``additional_config``."""
-DEFAULT_MAX_STEERING_CONFIGS = 64
-LOGITS_PROCESSOR_FQCN = "cna_vllm.engine.state:SteeringLogitsProcessor"
+from cna_vllm.rows import to_offsets, to_rows, union_neurons, vector_layers
+from cna_vllm.sources import Source
+from cna_vllm.steering import SteeringSpec, is_vector_set
 
 
-# --------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class EngineSteeringConfig:
-    """cna-vllm's section of ``additional_config``: circuit files (with content hashes) and capacity.
-
-    It is JSON, so it enters vLLM's compile-cache hash: different circuits, different graphs.
-    ``hot_load_neurons`` > 0 reserves that many spare steerable columns per layer (and an
-    offset table on every layer) so that circuits can be added while the engine runs.
-    """
-
-    circuits: dict[str, dict[str, str]]  # name -> {"path": ..., "sha256": ...}
-    max_steering_configs: int = DEFAULT_MAX_STEERING_CONFIGS
-    hot_load_neurons: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "circuits": self.circuits,
-            "max_steering_configs": self.max_steering_configs,
-            "hot_load_neurons": self.hot_load_neurons,
-        }
-
-    @classmethod
-    def from_additional_config(cls, additional: Any) -> EngineSteeringConfig:
-        section = additional.get(CONFIG_KEY) if isinstance(additional, Mapping) else None
-        if not isinstance(section, Mapping):
-            raise SteeringError(
-                f"a Steered* architecture needs additional_config={{'{CONFIG_KEY}': {{'circuits': ...}}}}; "
-                "use cna_vllm.engine.llm.SteeredLLM or pass --additional-config"
-            )
-        cap = int(section.get("max_steering_configs", DEFAULT_MAX_STEERING_CONFIGS))
-        if cap < 1:
-            raise SteeringError(f"max_steering_configs must be >= 1, got {cap}")
-        spare = int(section.get("hot_load_neurons", 0))
-        if spare < 0:
-            raise SteeringError(f"hot_load_neurons must be >= 0, got {spare}")
-        return cls(circuits=dict(section.get("circuits", {})), max_steering_configs=cap, hot_load_neurons=spare)
-
-    def load_circuits(self) -> dict[str, Source]:
-        """Read each circuit file and check its content hash and name."""
-        return {name: load_entry(name, entry) for name, entry in self.circuits.items()}
-
-
-def load_entry(name: str, entry: Mapping[str, str]) -> Source:
-    """Load ``{"path", "sha256"}`` as circuit ``name``: the file must be unchanged and carry that name."""
-    path = Path(entry["path"])
-    digest = file_sha256(path) if path.is_file() else "missing"
-    if entry.get("sha256") and digest != entry["sha256"]:
-        raise SteeringError(
-            f"circuit {name!r}: {path} changed since the engine was configured "
-            f"(sha256 {digest[:12]} != {entry['sha256'][:12]})"
-        )
-    circuit = load_any(path)
-    if circuit.name != name:
-        raise SteeringError(f"circuit file {path} is named {circuit.name!r}, registered as {name!r}")
-    return circuit
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- shard layout
-def shard_index(
-    union: Mapping[int, np.ndarray], intermediate_size: int, tp_rank: int, tp_size: int
-) -> dict[int, np.ndarray]:
-    """Per layer, the global neuron ids that this TP rank holds (rank r: [r·I/tp, (r+1)·I/tp))."""
-    if intermediate_size % tp_size:
-        raise SteeringError(f"intermediate size {intermediate_size} is not divisible by TP size {tp_size}")
-    per_rank = intermediate_size // tp_size
-    return {layer: ids[ids // per_rank == tp_rank] for layer, ids in union.items()}
-
-
-class LayerColumns:
-    """The steerable columns of one layer's activation shard: circuit neurons, then spare slots.
-
-    Slot j of the row tables acts on local column ``columns[j]``. A spare slot points at
-    some column no circuit uses and holds the identity in every row, so :meth:`claim` can
-    re-point it at a new circuit's neuron while the engine runs (in place: compiled graphs
-    read the new value). Columns stay distinct, as ``index_copy_`` needs.
-    """
-
-    def __init__(self, layer: int, global_ids: np.ndarray, first: int, size: int, spare: int, device: Any) -> None:
-        self.layer, self.first, self.size = layer, first, size  # this rank holds [first, first + size)
-        local = [int(g) - first for g in global_ids]
-        used = set(local)
-        free = [c for c in range(size - 1, -1, -1) if c not in used][: max(spare, 0)]
-        self.columns = torch.tensor(local + free, dtype=torch.int64, device=device)
-        self.slot_of = {int(g): j for j, g in enumerate(global_ids)}  # global id -> slot
-        self.spare = {c: len(local) + j for j, c in enumerate(free)}  # placeholder local column -> slot
-
-    def __len__(self) -> int:
-        return int(self.columns.numel())
-
-    def mine(self, global_ids: Any) -> list[int]:
-        return [int(g) for g in global_ids if self.first <= int(g) < self.first + self.size]
-
-    def missing(self, global_ids: Any) -> list[int]:
-        """The neurons of ``global_ids`` on this rank that have no slot yet."""
-        return sorted(set(self.mine(global_ids)) - set(self.slot_of))
-
-    def claim(self, global_ids: Any) -> None:
-        """Give every neuron of ``global_ids`` on this rank a slot (spare slots are used up)."""
-        new = self.missing(global_ids)
-        if len(new) > len(self.spare):
-            raise SteeringError(
-                f"layer {self.layer}: {len(new)} new steerable neuron(s) but only {len(self.spare)} spare "
-                "slot(s) left; restart with a larger hot-load reserve"
-            )
-        rest = []
-        for g in new:  # a neuron whose column is already a placeholder keeps that slot
-            slot = self.spare.pop(g - self.first, None)
-            if slot is None:
-                rest.append(g)
-            else:
-                self.slot_of[g] = slot
-        for g in rest:
-            _, slot = self.spare.popitem()
-            self.columns[slot] = g - self.first
-            self.slot_of[g] = slot
-
-
-# --------------------------------------------------------------------------- the state
 class SteeringState:
     """Row tables, refcounts, slot→row and token→row for one model in one worker.
 
@@ -331,7 +192,7 @@ class SteeringState:
             self._free.sort(reverse=True)
 
     def _write_row(self, row: int, spec: SteeringSpec) -> None:
-        rows = spec.to_rows(self.circuits)
+        rows = to_rows(spec, self.circuits)
         for layer, cols in self.columns.items():
             scale, bias = self.scale[layer], self.bias[layer]
             scale[row].fill_(1.0)
@@ -343,7 +204,7 @@ class SteeringState:
             pos = torch.tensor([cols.slot_of[int(ids[i])] for i in keep], dtype=torch.int64, device=self.device)
             scale[row].index_copy_(0, pos, torch.from_numpy(s[keep]).to(self.device))
             bias[row].index_copy_(0, pos, torch.from_numpy(b[keep]).to(self.device))
-        offsets = spec.to_offsets(self.circuits)
+        offsets = to_offsets(spec, self.circuits)
         for layer, table in self.offset.items():
             if layer in offsets:
                 table[row].copy_(torch.from_numpy(offsets[layer]))
@@ -368,7 +229,7 @@ class SteeringState:
         # An added request may replace the one in its slot without that slot being listed as
         # removed: release every replaced row *before* acquiring any, so a step that frees a row
         # and takes one for a new spec never finds the table full (issue #9, capacity crash).
-        added = [(slot, spec_of(params)) for slot, params, _prompt, _out in update.added]
+        added = [(slot, SteeringSpec.from_params(params)) for slot, params, _prompt, _out in update.added]
         for slot, _spec in added:
             self.set_slot(slot, 0)
         for slot, spec in added:
@@ -418,73 +279,3 @@ class SteeringState:
         req = torch.searchsorted(self._request_ends, self._arange[:num_tokens], right=True)
         torch.index_select(self._slot_rows_dev, 0, req, out=self.token_rows[:num_tokens])
         self._token_rows_dirty = True
-
-
-def spec_of(params: Any) -> SteeringSpec:
-    """The spec carried by a ``SamplingParams`` (empty when none)."""
-    extra = getattr(params, "extra_args", None) or {}
-    return SteeringSpec.parse(extra.get("steering"))
-
-
-# --------------------------------------------------------------------------- registry
-_STATES: dict[str, SteeringState] = {}
-"""Worker-process registry: vLLM instance id -> state. The model registers, the processor looks up."""
-
-
-def register_state(instance_id: str, state: SteeringState) -> None:
-    _STATES[instance_id] = state
-
-
-def find_state(instance_id: str) -> SteeringState | None:
-    """The state of a steered model built in this process for ``instance_id``, if any."""
-    return _STATES.get(instance_id)
-
-
-def lookup_state(instance_id: str) -> SteeringState:
-    try:
-        return _STATES[instance_id]
-    except KeyError:
-        raise SteeringError(
-            "the cna-vllm steering logits processor is active but no Steered* model was built in "
-            f"this worker (vLLM instance {instance_id!r}); set hf_overrides architectures to a "
-            "Steered* class (SteeredLLM does this)"
-        ) from None
-
-
-# --------------------------------------------------------------------------- logits processor
-def _logits_processor_base() -> type:
-    from vllm.v1.sample.logits_processor import LogitsProcessor
-
-    return LogitsProcessor
-
-
-class SteeringLogitsProcessor(_logits_processor_base()):  # type: ignore[misc]
-    """A V1 logits processor that never touches logits: it only sees batch changes.
-
-    vLLM calls :meth:`update_state` once per step, before the forward, with the slots
-    added / removed / moved in the persistent batch. That is the supported place where a
-    worker learns each request's ``SamplingParams`` and slot.
-    """
-
-    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        self.instance_id = vllm_config.instance_id
-        self._state: SteeringState | None = None
-
-    @classmethod
-    def validate_params(cls, sampling_params: Any) -> None:
-        spec_of(sampling_params)  # SteeringError is a ValueError: vLLM turns it into HTTP 400
-
-    def _get_state(self) -> SteeringState:
-        if self._state is None:
-            self._state = lookup_state(self.instance_id)
-        return self._state
-
-    def update_state(self, batch_update: Any) -> None:
-        if batch_update is not None:
-            self._get_state().apply_batch_update(batch_update)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
-    def is_argmax_invariant(self) -> bool:
-        return True

@@ -1,9 +1,9 @@
-"""Named embedded models, their preparation into HF directories, and model identity.
+"""Named embedded models and their preparation into HF directories.
 
 A model is named by an alias of :data:`EMBEDDED` (prepared from a GGUF shipped in a
 PyPI package), a local HF-format directory, or a hub id. :func:`resolve_model` turns
-any of them into a local directory; :class:`ModelIdentity` is what a circuit records
-and is validated against.
+any of them into a local directory. What a circuit is checked against lives in
+:mod:`cna_vllm.identity`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import shutil
 import struct
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -268,68 +268,3 @@ def model_alias(name_or_path: str | Path) -> str:
         if text == alias or Path(text).resolve() == prepared_dir(alias).resolve():
             return alias
     return Path(text.rstrip("/")).name
-
-
-# --------------------------------------------------------------------------- identity
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a circuit must agree with: dimensions and a cheap weights fingerprint."""
-
-    architecture: str
-    num_layers: int
-    intermediate_size: int
-    hidden_size: int
-    fingerprint: str
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> ModelIdentity:
-        model_dir = Path(model_dir)
-        config_path = model_dir / "config.json"
-        if not config_path.is_file():
-            raise ModelError(f"{model_dir} has no config.json")
-        config = json.loads(config_path.read_text())
-        text = config.get("text_config") or config
-        try:
-            return cls(
-                architecture=(config.get("architectures") or ["?"])[0],
-                num_layers=int(text["num_hidden_layers"]),
-                intermediate_size=int(text["intermediate_size"]),
-                hidden_size=int(text["hidden_size"]),
-                fingerprint=weights_fingerprint(model_dir),
-            )
-        except KeyError as exc:
-            raise ModelError(f"{config_path} lacks {exc.args[0]!r}") from exc
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-FINGERPRINT_SAMPLES = 32
-FINGERPRINT_SAMPLE_BYTES = 1 << 14
-
-
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """SHA-256 over every safetensors header plus evenly spaced samples of the data.
-
-    Reads about 0.5 MiB per file whatever the model size, so it is cheap on 70B models.
-    Any change to a tensor's name, shape, dtype or layout changes it, and so does any
-    re-quantization or fine-tune that touches the sampled bytes (in practice: all of them).
-    """
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{model_dir} holds no *.safetensors files to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            digest.update(path.name.encode())
-            digest.update(f.read(header_len))
-            start = 8 + header_len
-            span = max(size - start - FINGERPRINT_SAMPLE_BYTES, 0)
-            for i in range(FINGERPRINT_SAMPLES):
-                f.seek(start + span * i // max(FINGERPRINT_SAMPLES - 1, 1))
-                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
-    return digest.hexdigest()[:16]

@@ -4,7 +4,7 @@ Each ``Steered<Arch>`` is the stock class plus :class:`SteeredMixin`: after the 
 ``__init__`` it loads the circuits named in ``additional_config``, validates them against
 the model, wraps the activation of every layer with steerable neurons, gives every layer
 with CAA vectors an output offset, and registers the worker's
-:class:`~cna_vllm.engine.state.SteeringState`. Its ``forward`` writes the step's per-token
+:class:`~cna_vllm.engine.row_table.SteeringState`. Its ``forward`` writes the step's per-token
 rows, then runs the stock forward. Weights, loading and everything else are unchanged.
 """
 
@@ -23,10 +23,13 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from cna_vllm.engine import patches
+from cna_vllm import sources
+from cna_vllm.engine.config import EngineSteeringConfig
+from cna_vllm.engine.context import register_state
 from cna_vllm.engine.layers import SteeredActivation
-from cna_vllm.engine.state import EngineSteeringConfig, SteeringState, register_state
-from cna_vllm.models import ModelIdentity
+from cna_vllm.engine.row_table import SteeringState
+from cna_vllm.identity import ModelIdentity
+from cna_vllm.patches import engine as patches
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +49,6 @@ def _model_identity(vllm_config: Any) -> str | ModelIdentity:
     )
 
 
-def validate_source(circuit: Any, ident: str | ModelIdentity) -> None:
-    """Validate a circuit or vector set for the served model (fingerprint only for local dirs)."""
-    if isinstance(ident, ModelIdentity):
-        circuit.validate_for(ident, check_fingerprint=False)
-    else:
-        circuit.validate_for(ident)
-
-
 class SteeredMixin:
     """Adds per-request MLP-neuron steering to a stock vLLM ``*ForCausalLM``."""
 
@@ -68,7 +63,7 @@ class SteeredMixin:
         ident = _model_identity(vllm_config)
         circuits = cfg.load_circuits()
         for circuit in circuits.values():
-            validate_source(circuit, ident)
+            sources.validate(circuit, ident)
         text = vllm_config.model_config.hf_text_config
         mlps = dict(patches.decoder_mlps(self))
         device = next(self.parameters()).device
