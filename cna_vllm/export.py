@@ -19,8 +19,6 @@ Composition of items is :func:`cna_vllm.rows.to_rows`'s, the same the engine use
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -32,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from cna_vllm.circuit import Circuit
-from cna_vllm.embedded import PREPARED_MARKER, resolve_model
+from cna_vllm.embedded import resolve_model
 from cna_vllm.errors import ExportError
+from cna_vllm.export_weights import LayerEdit, default_permissions, find_checkpoint, write_lora, write_merged
 from cna_vllm.fileformat import tool_version
 from cna_vllm.identity import ModelIdentity
 from cna_vllm.rows import to_offsets, to_rows
@@ -46,8 +45,6 @@ METADATA_FILE = "cna_vllm_export.json"
 """Sidecar written into every export; the same JSON is in the safetensors ``__metadata__``."""
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM accepts for ``--max-lora-rank`` (``vllm.config.lora.MaxLoRARanks``)."""
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-_DOWN_PROJ = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.(?P<layer>\d+)\.mlp\.down_proj\.(?P<param>weight|bias)$")
 
 
 @dataclass(frozen=True)
@@ -68,28 +65,6 @@ class ExportResult:
     def vllm_max_lora_rank(self) -> int | None:
         """The smallest ``--max-lora-rank`` vLLM accepts for this adapter (None above 512)."""
         return next((r for r in VLLM_MAX_LORA_RANKS if r >= self.rank), None)
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    """Where each layer's ``down_proj`` weight (and bias, if any) lives in a safetensors checkpoint."""
-
-    files: dict[str, Path]
-    weight: dict[int, str]
-    bias: dict[int, str]
-
-
-@dataclass(frozen=True)
-class _LayerEdit:
-    idx: np.ndarray  # neurons whose scale changes, ascending
-    scale: np.ndarray  # their s (float32)
-    bias_idx: np.ndarray  # neurons with b != 0
-    bias: np.ndarray  # their b (float32)
-    offset: np.ndarray | None  # CAA: constant added to the MLP output (float32 [hidden])
-
-    @property
-    def needs_bias(self) -> bool:
-        return len(self.bias_idx) > 0 or self.offset is not None
 
 
 # --------------------------------------------------------------------------- public API
@@ -121,7 +96,7 @@ def export(
             "B·A·x, which is linear in x and cannot add a constant. Export scale items only, use "
             "--format merged on a model whose down_proj has a bias, or serve the spec with cna-vllm"
         )
-    ckpt = _checkpoint(model_dir, ident.num_layers)
+    ckpt = find_checkpoint(model_dir, ident.num_layers)
     missing = [layer for layer in needs_bias if layer not in ckpt.bias]
     if missing:
         raise ExportError(
@@ -137,11 +112,11 @@ def export(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         if format == "peft-lora":
-            _write_lora(tmp, model_dir, ckpt, edits, meta)
+            write_lora(tmp, model_dir, ckpt, edits, meta)
         else:
-            _write_merged(tmp, model_dir, ckpt, edits, meta)
+            write_merged(tmp, model_dir, ckpt, edits, meta)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _default_permissions(tmp)
+        default_permissions(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -179,14 +154,14 @@ def _load(
     return spec, used, {name: found[name][0] for name in names}
 
 
-def _edits(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> dict[int, _LayerEdit]:
+def _edits(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> dict[int, LayerEdit]:
     """Per layer, what the spec changes; refuse a spec that changes nothing."""
     rows, offsets = to_rows(spec, circuits), to_offsets(spec, circuits)
-    edits: dict[int, _LayerEdit] = {}
+    edits: dict[int, LayerEdit] = {}
     for layer in sorted(set(rows) | set(offsets)):
         idx, s, b = rows.get(layer, (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32)))
         offset = offsets.get(layer)
-        edit = _LayerEdit(idx[s != 1], s[s != 1], idx[b != 0], b[b != 0], offset if np.any(offset) else None)
+        edit = LayerEdit(idx[s != 1], s[s != 1], idx[b != 0], b[b != 0], offset if np.any(offset) else None)
         if len(edit.idx) or edit.needs_bias:
             edits[layer] = edit
     if not edits:
@@ -197,32 +172,6 @@ def _edits(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> d
 def _bias_items(spec: SteeringSpec, circuits: Mapping[str, Circuit | VectorSet]) -> str:
     items = [str(i) for i in spec.items if i.mode != "scale" or is_vector_set(resolve(circuits, i.circuit))]
     return ", ".join(repr(i) for i in items) or repr(str(spec))
-
-
-def _checkpoint(model_dir: Path, num_layers: int) -> _Checkpoint:
-    from safetensors import safe_open
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        files = {k: model_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    else:
-        files = {}
-        for path in sorted(model_dir.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                files.update(dict.fromkeys(f.keys(), path))
-    if not files:
-        raise ExportError(f"{model_dir} holds no safetensors weights (export reads and writes safetensors only)")
-    found: dict[str, dict[str, dict[int, str]]] = {}
-    for key in files:
-        if m := _DOWN_PROJ.match(key):
-            found.setdefault(m["prefix"], {}).setdefault(m["param"], {})[int(m["layer"])] = key
-    stacks = [p for p, d in found.items() if set(d.get("weight", {})) == set(range(num_layers))]
-    if len(stacks) != 1:
-        raise ExportError(
-            f"{model_dir}: expected one stack of {num_layers} '...layers.N.mlp.down_proj.weight' tensors, "
-            f"found {len(stacks)} ({sorted(found) or 'none'})"
-        )
-    return _Checkpoint(files, found[stacks[0]]["weight"], found[stacks[0]].get("bias", {}))
 
 
 def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -242,7 +191,7 @@ def _metadata(
     circuits: Mapping[str, Circuit | VectorSet],
     files: Mapping[str, Path],
     format: str,
-    edits: Mapping[int, _LayerEdit],
+    edits: Mapping[int, LayerEdit],
 ) -> dict[str, Any]:
     return {
         "format": "cna-vllm/export",
@@ -262,110 +211,3 @@ def _metadata(
     }
 
 
-def _default_permissions(directory: Path) -> None:
-    """Undo mkdtemp's 0700 (and safetensors' 0600): a server running as another user must read the export."""
-    mask = os.umask(0)
-    os.umask(mask)
-    directory.chmod(0o777 & ~mask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~mask)
-
-
-# --------------------------------------------------------------------------- writers
-def _read(files: Mapping[str, Path], keys: list[str]) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    out: dict[str, Any] = {}
-    for path in sorted({files[k] for k in keys}):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in keys if files[k] == path})
-    return out
-
-
-def _write_lora(
-    out: Path, model_dir: Path, ckpt: _Checkpoint, edits: Mapping[int, _LayerEdit], meta: dict[str, Any]
-) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    weights = _read(ckpt.files, [ckpt.weight[layer] for layer in edits])
-    rank = max(len(e.idx) for e in edits.values())
-    tensors: dict[str, torch.Tensor] = {}
-    modules = []
-    for layer, edit in edits.items():
-        key = ckpt.weight[layer]
-        w = weights[key].to(torch.float32)
-        hidden, intermediate = w.shape
-        idx = torch.from_numpy(edit.idx)
-        a = torch.zeros(rank, intermediate)
-        a[torch.arange(len(idx)), idx] = 1.0
-        b = torch.zeros(hidden, rank)
-        b[:, : len(idx)] = w[:, idx] * (torch.from_numpy(edit.scale) - 1.0)
-        module = key.removesuffix(".weight")
-        modules.append(module)
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt", "cna_vllm": json.dumps(meta)})
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(model_dir),
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "target_modules": modules,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _write_merged(
-    out: Path, model_dir: Path, ckpt: _Checkpoint, edits: Mapping[int, _LayerEdit], meta: dict[str, Any]
-) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    for path in model_dir.iterdir():  # config, tokenizer, chat template, shard index; not subfolders
-        skip = path.name.startswith(".") or path.name == PREPARED_MARKER or path.name.endswith(_WEIGHT_SUFFIXES)
-        if path.is_file() and not skip:
-            shutil.copy2(path, out / path.name)
-    new = _merged_tensors(ckpt, edits)
-    for path in sorted(set(ckpt.files.values())):
-        if not any(ckpt.files[k] == path for k in new):
-            shutil.copy2(path, out / path.name)
-            continue
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: new[k] if k in new else f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        save_file(tensors, str(out / path.name), metadata={**header, "cna_vllm": json.dumps(meta)})
-
-
-def _merged_tensors(ckpt: _Checkpoint, edits: Mapping[int, _LayerEdit]) -> dict[str, Any]:
-    """The edited ``down_proj`` weights (``W[:, idx] *= s``) and biases (``+= W[:, idx]·b + offset``)."""
-    import torch
-
-    keys = [ckpt.weight[layer] for layer in edits] + [ckpt.bias[layer] for layer in edits if edits[layer].needs_bias]
-    old = _read(ckpt.files, keys)
-    new: dict[str, torch.Tensor] = {}
-    for layer, edit in edits.items():
-        key = ckpt.weight[layer]
-        w = old[key].to(torch.float32)
-        if edit.needs_bias:
-            bias_key = ckpt.bias[layer]
-            add = w[:, torch.from_numpy(edit.bias_idx)] @ torch.from_numpy(edit.bias)
-            if edit.offset is not None:
-                add += torch.from_numpy(edit.offset)
-            new[bias_key] = (old[bias_key].to(torch.float32) + add).to(old[bias_key].dtype)
-        w[:, torch.from_numpy(edit.idx)] *= torch.from_numpy(edit.scale)
-        new[key] = w.to(old[key].dtype).contiguous()
-    return new

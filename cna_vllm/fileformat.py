@@ -128,7 +128,19 @@ class SourceFile:
             "version": meta.get("tool_version", ""),
         }
 
-    def validate_for(self, model: ModelIdentity | str | Path, *, check_fingerprint: bool = True) -> SourceFile:
+    @classmethod
+    def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> Any:
+        """Read and strictly check a file of this kind; validate it for ``model`` if given."""
+        path = Path(path)
+        source = cls.from_file(path, *read_file(path))
+        return source if model is None else source.validate_for(model)
+
+    @classmethod
+    def from_file(cls, path: Path, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> Any:
+        """The source in an already read file (each kind checks its own tensors)."""
+        raise NotImplementedError
+
+    def validate_for(self, model: ModelIdentity | str | Path, *, check_fingerprint: bool = True) -> Any:
         """Raise :class:`CircuitError` unless this source fits ``model`` (an identity or HF directory); return self."""
         ident = identity_of(model)
         if self.model is not None:

@@ -54,7 +54,8 @@ def load(path: str | Path, model: ModelIdentity | str | Path | None = None) -> S
     cls = KINDS.get(meta.get("kind", "cna"))
     if cls is None:
         raise CircuitError(f"{path} holds an unknown kind {meta.get('kind')!r}; known: {', '.join(KINDS)}")
-    return cls.from_file(path, meta, tensors, model)
+    source = cls.from_file(path, meta, tensors)
+    return source if model is None else source.validate_for(model)
 
 
 def kind_of(path: str | Path) -> str:

@@ -36,26 +36,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cna_vllm.errors import SteeringError
+from cna_vllm.spec_syntax import MODES, PART_NAMES, parse_compact, parse_item, split_part, where_of
 
-MODES: dict[str, str] = {"scale": "multiplier", "patch": "alpha", "shift": "alpha"}
-"""Each mode and the name of the number it takes."""
+__all__ = [  # the spec's vocabulary is spelled in spec_syntax; callers import it from here
+    "ENGINE_LIMITS", "MODES", "PART_NAMES", "SALT_PREFIX", "VECTOR_MODES", "SteeringItem", "SteeringLimits",
+    "SteeringSpec", "check_user_salt", "is_vector_set", "parse_many", "resolve", "split_part",
+]
+
 VECTOR_MODES = ("shift",)
 """The modes a CAA vector set takes."""
 MAX_ABS_VALUE = 100.0
 """The engine's bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
 MAX_ITEMS = 16
-MAX_NAME = 128
 SALT_PREFIX = "cna-steer-"
 """Reserved cache-salt prefix: only steered requests carry it."""
-PART_NAMES = ("pos", "neg", "up", "down")
-"""The signed parts a spec may select with ``NAME[part]``."""
-_PART_RE = re.compile(r"^([^\[\]]+)\[([^\[\]]*)\]$")
 _SHAPES = "a list of items {circuit, multiplier|alpha, mode}, one such item, or a string 'NAME@VALUE[:mode]'"
 
 
@@ -84,19 +83,6 @@ ENGINE_LIMITS = SteeringLimits(MAX_ITEMS, MAX_ABS_VALUE, MAX_ABS_VALUE)
 
 
 # --------------------------------------------------------------------------- names and parts
-def split_part(name: str) -> tuple[str, str | None]:
-    """``"refusal[pos]"`` → ``("refusal", "pos")``; ``"refusal"`` → ``("refusal", None)``."""
-    if "[" not in name and "]" not in name:
-        return name, None
-    m = _PART_RE.match(name)
-    if not m:
-        raise SteeringError(f"circuit {name!r}: expected NAME or NAME[part] with part one of {', '.join(PART_NAMES)}")
-    base, part = m.group(1).strip(), m.group(2).strip()
-    if part not in PART_NAMES:
-        raise SteeringError(f"circuit {name!r}: unknown part {part!r}; use one of {', '.join(PART_NAMES)}")
-    return base, part
-
-
 def is_vector_set(obj: Any) -> bool:
     """True for a CAA vector set (or its metadata dict)."""
     return (obj.get("kind") if isinstance(obj, Mapping) else getattr(obj, "kind", "cna")) == "caa"
@@ -162,10 +148,9 @@ class SteeringSpec:
                 except json.JSONDecodeError as exc:
                     raise SteeringError(f"steering is not valid JSON: {exc}") from exc
             else:
-                items = text.split(",")
-                return cls(tuple(_parse_compact(part, _where(i, len(items))) for i, part in enumerate(items)))._bounded(
-                    limits
-                )
+                parts = text.split(",")
+                items = (SteeringItem(*parse_compact(p, where_of(i, len(parts)))) for i, p in enumerate(parts))
+                return cls(tuple(items))._bounded(limits)
         single = isinstance(obj, Mapping)
         if single:
             obj = [obj]
@@ -176,7 +161,7 @@ class SteeringSpec:
         if len(obj) > limits.max_items:
             raise SteeringError(f"steering has {len(obj)} items; at most {limits.max_items} are allowed")
         return cls(
-            tuple(_parse_item(item, "steering" if single else f"steering[{i}]", strict) for i, item in enumerate(obj))
+            tuple(_item(item, "steering" if single else f"steering[{i}]", strict) for i, item in enumerate(obj))
         )._bounded(limits)
 
     def _bounded(self, limits: SteeringLimits) -> SteeringSpec:
@@ -186,7 +171,7 @@ class SteeringSpec:
             key = MODES[item.mode]
             bound = limits.bound(key)
             if abs(item.value) > bound:
-                where = f"{_where(i, len(self.items))}.{key}"
+                where = f"{where_of(i, len(self.items))}.{key}"
                 raise SteeringError(
                     f"invalid {where}: {item.value:g} is out of bounds; it must lie in [-{bound:g}, {bound:g}]",
                     param=where,
@@ -200,7 +185,7 @@ class SteeringSpec:
         for i, item in enumerate(self.items):
             base = split_part(item.circuit)[0]
             if base not in sources:
-                param = f"{_where(i, len(self.items))}.circuit"
+                param = f"{where_of(i, len(self.items))}.circuit"
                 known = ", ".join(sorted(sources)) or "none loaded"
                 if foreign and base in foreign:
                     raise SteeringError(
@@ -323,92 +308,5 @@ def parse_many(steering: Any, n: int) -> list[SteeringSpec]:
     return [SteeringSpec.parse(steering)] * n
 
 
-# --------------------------------------------------------------------------- item syntax
-def _where(index: int, count: int) -> str:
-    return "steering" if count == 1 else f"steering[{index}]"
-
-
-def _number(value: Any, where: str, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str) or (strict and isinstance(value, str)):
-        raise SteeringError(f"invalid {where}: must be a number, got {value!r:.40}", param=where)
-    try:
-        out = float(value) + 0.0  # -0.0 -> 0.0: one fingerprint, row and cache namespace per value
-    except ValueError:
-        raise SteeringError(f"invalid {where}: must be a number, got {str(value)[:40]!r}", param=where) from None
-    except OverflowError:  # an integer too large for a float
-        msg = f"invalid {where}: must be a finite number, got {str(value)[:40]!r}..."
-        raise SteeringError(msg, param=where) from None
-    if not math.isfinite(out):
-        raise SteeringError(f"invalid {where}: must be a finite number, got {value!r}", param=where)
-    return out
-
-
-def _check_name(name: Any, where: str) -> str:
-    param = f"{where}.circuit"
-    problem = None
-    if name is None:
-        problem = "Field required: 'circuit' must be a non-empty string"
-    elif not isinstance(name, str):
-        problem = f"'circuit' must be a valid string, got {type(name).__name__}"
-    elif not name.strip():
-        problem = "'circuit' must be a non-empty string (at least 1 character)"
-    elif len(name) > MAX_NAME:
-        problem = f"'circuit' must have at most {MAX_NAME} characters"
-    if problem:
-        raise SteeringError(f"invalid {param}: {problem}", param=param)
-    base, part = split_part(name.strip())
-    return base if part is None else f"{base}[{part}]"
-
-
-def _check_mode(mode: Any, where: str) -> str:
-    if mode not in MODES:
-        param = f"{where}.mode"
-        use = ", ".join(repr(m) for m in MODES)
-        raise SteeringError(f"invalid {param}: unknown mode {mode!r:.40}; use one of {use}", param=param)
-    return mode
-
-
-def _parse_item(item: Any, where: str, strict: bool) -> SteeringItem:
-    if isinstance(item, SteeringItem):
-        return item
-    if isinstance(item, str) and not strict:
-        return _parse_compact(item, where)
-    if not isinstance(item, Mapping):
-        raise SteeringError(
-            f"invalid {where}: must be an object {{circuit, multiplier|alpha, mode}}, got {type(item).__name__}",
-            param=where,
-        )
-    extra = sorted(set(item) - {"circuit", "mode", "multiplier", "alpha"}, key=str)
-    if extra:
-        raise SteeringError(
-            f"invalid {where}: unknown field {extra[0]!r}; an item has circuit, mode, multiplier or alpha", param=where
-        )
-    name = _check_name(item.get("circuit"), where)
-    mode = _check_mode(item.get("mode", "scale"), where)
-    key = MODES[mode]
-    other = "alpha" if key == "multiplier" else "multiplier"
-    if item.get(other) is not None or (other in item and not strict):
-        hint = " (the paper's α = 1 − m; pass the multiplier m)" if mode == "scale" else ""
-        raise SteeringError(f"invalid {where}: mode {mode!r} takes {key!r}, not {other!r}{hint}", param=where)
-    if item.get(key) is None:
-        raise SteeringError(
-            f"invalid {where}.{key}: mode {mode!r} needs {key!r}, which must be a number, got None",
-            param=f"{where}.{key}",
-        )
-    return SteeringItem(name, mode, _number(item[key], f"{where}.{key}", strict))
-
-
-def _parse_compact(text: str, where: str) -> SteeringItem:
-    label = f"steering {text.strip()!r}"
-    name, at, rest = text.strip().partition("@")
-    if not at:
-        raise SteeringError(f"{label}: expected NAME@VALUE[:mode]")
-    value, _, mode = rest.partition(":")
-    mode = _check_mode(mode.strip() or "scale", where)
-    if not name.strip():
-        raise SteeringError(f"{label}: the circuit name must be non-empty")
-    try:
-        number = _number(value.strip(), f"{where}.{MODES[mode]}", strict=False)
-    except SteeringError as exc:
-        raise SteeringError(f"{label}: {exc}", param=where) from None
-    return SteeringItem(_check_name(name, where), mode, number)
+def _item(obj: Any, where: str, strict: bool) -> SteeringItem:
+    return obj if isinstance(obj, SteeringItem) else SteeringItem(*parse_item(obj, where, strict))

@@ -28,7 +28,7 @@ from typing import ClassVar
 import numpy as np
 
 from cna_vllm.errors import CircuitError
-from cna_vllm.fileformat import SourceFile, read_file, tool_version, write_file
+from cna_vllm.fileformat import SourceFile, tool_version, write_file
 from cna_vllm.identity import ModelIdentity
 
 SITES = ("mlp_out", "residual")
@@ -108,15 +108,7 @@ class VectorSet(SourceFile):
         return write_file(path, {"layers": self.layers, "vectors": self.vectors}, self.metadata())
 
     @classmethod
-    def load(cls, path: str | Path, model: ModelIdentity | str | Path | None = None) -> VectorSet:
-        """Read and strictly check a CAA vector file; validate it for ``model`` if given."""
-        path = Path(path)
-        return cls.from_file(path, *read_file(path), model=model)
-
-    @classmethod
-    def from_file(
-        cls, path: Path, meta: dict, tensors: dict[str, np.ndarray], model: ModelIdentity | str | Path | None = None
-    ) -> VectorSet:
+    def from_file(cls, path: Path, meta: dict, tensors: dict[str, np.ndarray]) -> VectorSet:
         """The vector set in an already read file (see :func:`cna_vllm.sources.load`)."""
         if meta.get("kind") != KIND:
             raise CircuitError(f"{path} is not a CAA vector file (kind {meta.get('kind', 'cna')!r})")
@@ -132,6 +124,4 @@ class VectorSet(SourceFile):
             )
         except (KeyError, TypeError) as exc:
             raise CircuitError(f"{path} has malformed metadata: {exc}") from exc
-        if model is not None:
-            out.validate_for(model)
         return out

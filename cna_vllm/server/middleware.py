@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cna_vllm.engine.admission import AdmissionRefused
 from cna_vllm.errors import SteeringError
+from cna_vllm.server.asgi import BodyTooLarge, read_body, renaming, replay, send_error, with_length
 from cna_vllm.server.schema import ApiError, echo, parse_steering
 from cna_vllm.server.state import ServerState, server_state
 from cna_vllm.server.variants import Variant
@@ -43,62 +44,6 @@ VARIANTS_PATH = "/v1/steered-models"
 ECHO_HEADER = "x-cna-steering"
 FINGERPRINT_HEADER = "x-cna-steering-fingerprint"
 VARIANT_HEADER = "x-cna-steered-model"
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
-    """The whole request body (``(body, disconnected)``); :class:`BodyTooLarge` over ``limit``."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b"", True
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), False
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that yields ``body`` once, then defers to the client (disconnects)."""
-    sent = False
-
-    async def inner() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return inner
-
-
-def _with_length(scope: Scope, length: int) -> Scope:
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    headers.append((b"content-length", str(length).encode()))
-    return {**scope, "headers": headers}
-
-
-async def _send_error(send: Send, err: ApiError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(err.body()).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class SteeringMiddleware:
@@ -125,30 +70,30 @@ class SteeringMiddleware:
         state = server_state(scope["app"])
         try:
             limit = state.max_request_bytes if state else 4 << 20
-            body, gone = await _read_body(receive, limit)
+            body, gone = await read_body(receive, limit)
         except BodyTooLarge:
             err = ApiError(f"request body exceeds {limit} bytes", status=413, param=None, code="request_too_large")
             if state:
                 state.metrics.rejected.labels(err.code).inc()
-            await _send_error(send, err)
+            await send_error(send, err)
             return
         if gone:
             return
         try:
             data = json.loads(body) if body else None
         except RecursionError:
-            await _send_error(send, ApiError("request body is nested too deeply", param=None, code="invalid_json"))
+            await send_error(send, ApiError("request body is nested too deeply", param=None, code="invalid_json"))
             return
         except ValueError:
             data = None  # not JSON: vLLM answers it
         if not isinstance(data, dict):
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay(body, receive), send)
             return
         try:
             if endpoint is None:
                 if path != VARIANTS_PATH:  # that route's body defines a variant's steering
                     _refuse_elsewhere(data, path)
-                await self.app(scope, _replay(body, receive), send)
+                await self.app(scope, replay(body, receive), send)
                 return
             if state is None:
                 raise ApiError("this server has no steering engine", status=503, code="steering_unavailable")
@@ -157,7 +102,7 @@ class SteeringMiddleware:
         except ApiError as err:
             if state:
                 state.metrics.rejected.labels(err.code).inc()
-            await _send_error(send, err)
+            await send_error(send, err)
             return
         await self._forward(scope, receive, send, data, spec, state, endpoint, variant)
 
@@ -235,7 +180,7 @@ class SteeringMiddleware:
         if variant is not None:
             m.variants.labels(variant.name).inc()
             extra.append((VARIANT_HEADER.encode(), variant.name.encode()))
-            send = _renaming(send, state.variants.base, variant.name)
+            send = renaming(send, state.variants.base, variant.name)
 
         async def send_with_echo(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -252,55 +197,17 @@ class SteeringMiddleware:
             except AdmissionRefused as exc:
                 m.rejected.labels(exc.code).inc()
                 err = ApiError(str(exc), status=exc.status, param=None, code=exc.code)
-                await _send_error(send, err, [(b"retry-after", str(exc.retry_after).encode())])
+                await send_error(send, err, [(b"retry-after", str(exc.retry_after).encode())])
                 return
             finally:
                 m.waiting.dec()
             m.rows_in_use.set(len(state.gate.active))
         try:
-            await self.app(_with_length(scope, len(body)), _replay(body, receive), send_with_echo)
+            await self.app(with_length(scope, len(body)), replay(body, receive), send_with_echo)
         finally:
             if spec:
                 await state.gate.release(spec)
                 m.rows_in_use.set(len(state.gate.active))
-
-
-def _renaming(send: Send, base: str, name: str) -> Send:
-    """A ``send`` that names the variant where vLLM's answer names the base model (``"model":"<base>"``).
-
-    vLLM writes compact JSON (one object per body message, one per SSE event when streaming); an
-    unescaped ``"model":"<base>"`` can only be a field, never text inside a JSON string. An answer
-    in one body message gets its ``content-length`` fixed; a streamed one has none.
-    """
-    old = b'"model":' + json.dumps(base, ensure_ascii=False).encode()
-    new = b'"model":' + json.dumps(name, ensure_ascii=False).encode()
-    start: Message | None = None
-    rewrite = True
-
-    async def inner(message: Message) -> None:
-        nonlocal start, rewrite
-        if message["type"] == "http.response.start":
-            start = message  # held until the first body message: its length may change
-            return
-        if message["type"] == "http.response.body":
-            body, more = message.get("body", b""), message.get("more_body", False)
-            if start is not None:
-                headers = list(start.get("headers", []))
-                sized = any(k.lower() == b"content-length" for k, _ in headers)
-                rewrite = not (sized and more)  # a sized answer in pieces is left as it is
-                if rewrite:
-                    body = body.replace(old, new)
-                    if sized:
-                        headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-                        headers.append((b"content-length", str(len(body)).encode()))
-                await send({**start, "headers": headers})
-                start = None
-            elif rewrite:
-                body = body.replace(old, new)
-            message = {**message, "body": body}
-        await send(message)
-
-    return inner
 
 
 def _smuggled(data: Any, depth: int = 0) -> bool:

@@ -104,7 +104,7 @@ def test_plugin_attaches_playground_unless_disabled():
 
 
 def test_cli_flag():
-    from cna_vllm.server.app import make_parser
+    from cna_vllm.server.args import make_parser
 
     parser = make_parser()
     assert parser.parse_args([]).no_playground is False

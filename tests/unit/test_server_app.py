@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from cna_vllm.errors import SteeringError
 from cna_vllm.patches.server import GuardEveryRoute
-from cna_vllm.server.app import CPU_MAX_MODEL_LEN, cpu_defaults, make_parser, prepare_args
+from cna_vllm.server.args import CPU_MAX_MODEL_LEN, cpu_defaults, make_parser, prepare_args
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--max-steering-configs", "0"), ("--hot-load-neurons", "-1")])

@@ -159,7 +159,7 @@ def test_models_listing_and_run_time_add(client):
 def test_start_up_flags_are_checked():
     pytest.importorskip("vllm")
     from cna_vllm.embedded import SMALL_MODEL
-    from cna_vllm.server.app import make_parser, prepare_args
+    from cna_vllm.server.args import make_parser, prepare_args
 
     def prepare(*flags: str):
         return prepare_args(make_parser().parse_args(["--model", SMALL_MODEL, *flags]))
