@@ -1,4 +1,4 @@
-"""The syntax of one steering item: names, signed parts, modes and numbers.
+"""The syntax of one steering item (names, signed parts, modes, numbers) and the bounds on a spec.
 
 :class:`~cna_vllm.steering.SteeringSpec` builds on this; every error names its ``param``
 (``steering[1].multiplier``) so the server can answer with it.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cna_vllm.errors import SteeringError
@@ -18,7 +19,34 @@ MODES: dict[str, str] = {"scale": "multiplier", "patch": "alpha", "shift": "alph
 PART_NAMES = ("pos", "neg", "up", "down")
 """The signed parts a spec may select with ``NAME[part]`` (see :data:`cna_vllm.circuit.PARTS`)."""
 MAX_NAME = 128
+MAX_ABS_VALUE = 100.0
+"""The engine's bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
+MAX_ITEMS = 16
 _PART_RE = re.compile(r"^([^\[\]]+)\[([^\[\]]*)\]$")
+
+
+@dataclass(frozen=True)
+class SteeringLimits:
+    """Bounds on a spec: item count and |value| per number (a server may set them tighter)."""
+
+    max_items: int = 8
+    max_abs_multiplier: float = 20.0
+    max_abs_alpha: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_items <= MAX_ITEMS:
+            raise ValueError(f"max_items must lie in [1, {MAX_ITEMS}], got {self.max_items}")
+        for name in ("max_abs_multiplier", "max_abs_alpha"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_ABS_VALUE):
+                raise ValueError(f"{name} must lie in (0, {MAX_ABS_VALUE:g}], got {value}")
+
+    def bound(self, key: str) -> float:
+        return self.max_abs_multiplier if key == "multiplier" else self.max_abs_alpha
+
+
+ENGINE_LIMITS = SteeringLimits(MAX_ITEMS, MAX_ABS_VALUE, MAX_ABS_VALUE)
+"""What the engine accepts from any path (the server's defaults are tighter)."""
 
 
 def split_part(name: str) -> tuple[str, str | None]:

@@ -35,51 +35,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cna_vllm.errors import SteeringError
-from cna_vllm.spec_syntax import MODES, PART_NAMES, parse_compact, parse_item, split_part, where_of
+from cna_vllm.spec_syntax import (
+    ENGINE_LIMITS,
+    MAX_ABS_VALUE,
+    MAX_ITEMS,
+    MODES,
+    PART_NAMES,
+    SteeringLimits,
+    parse_compact,
+    parse_item,
+    split_part,
+    where_of,
+)
 
 __all__ = [  # the spec's vocabulary is spelled in spec_syntax; callers import it from here
-    "ENGINE_LIMITS", "MODES", "PART_NAMES", "SALT_PREFIX", "VECTOR_MODES", "SteeringItem", "SteeringLimits",
-    "SteeringSpec", "check_user_salt", "is_vector_set", "parse_many", "resolve", "split_part",
-]
+    "ENGINE_LIMITS", "MAX_ABS_VALUE", "MAX_ITEMS", "MODES", "PART_NAMES", "SALT_PREFIX", "VECTOR_MODES",
+    "SteeringItem", "SteeringLimits", "SteeringSpec", "check_user_salt", "is_vector_set", "parse_many",
+    "resolve", "split_part",
+]  # fmt: skip
 
 VECTOR_MODES = ("shift",)
 """The modes a CAA vector set takes."""
-MAX_ABS_VALUE = 100.0
-"""The engine's bound on |multiplier| and |alpha|; larger values only produce garbage or inf."""
-MAX_ITEMS = 16
 SALT_PREFIX = "cna-steer-"
 """Reserved cache-salt prefix: only steered requests carry it."""
 _SHAPES = "a list of items {circuit, multiplier|alpha, mode}, one such item, or a string 'NAME@VALUE[:mode]'"
-
-
-@dataclass(frozen=True)
-class SteeringLimits:
-    """Bounds on a spec: item count and |value| per number (a server may set them tighter)."""
-
-    max_items: int = 8
-    max_abs_multiplier: float = 20.0
-    max_abs_alpha: float = 20.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_items <= MAX_ITEMS:
-            raise ValueError(f"max_items must lie in [1, {MAX_ITEMS}], got {self.max_items}")
-        for name in ("max_abs_multiplier", "max_abs_alpha"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 < value <= MAX_ABS_VALUE):
-                raise ValueError(f"{name} must lie in (0, {MAX_ABS_VALUE:g}], got {value}")
-
-    def bound(self, key: str) -> float:
-        return self.max_abs_multiplier if key == "multiplier" else self.max_abs_alpha
-
-
-ENGINE_LIMITS = SteeringLimits(MAX_ITEMS, MAX_ABS_VALUE, MAX_ABS_VALUE)
-"""What the engine accepts from any path (the server's defaults are tighter)."""
 
 
 # --------------------------------------------------------------------------- names and parts
