@@ -17,16 +17,16 @@ Python async API for applications that embed the engine.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from cna_vllm import sources
 from cna_vllm.engine.admission import SpecGate, plan_waves, steer_request
 from cna_vllm.engine.config import DEFAULT_MAX_STEERING_CONFIGS, engine_kwargs
-from cna_vllm.engine.intake import add_to_catalogue
-from cna_vllm.errors import CnaError, SteeringError
+from cna_vllm.engine.intake import catalogue
+from cna_vllm.engine.worker import add_to_engine, add_to_llm
+from cna_vllm.errors import SteeringError
 from cna_vllm.patches.engine import shutdown_engine_core
 from cna_vllm.sources import Source
 from cna_vllm.steering import SteeringSpec, parse_many
@@ -54,7 +54,7 @@ class _SteeredFrontEnd:
         hot_load_neurons: int = 0,
         **vllm_kwargs: Any,
     ) -> None:
-        kw, self.circuits = engine_kwargs(
+        kw, _ = engine_kwargs(
             model,
             circuits,
             max_steering_configs=max_steering_configs,
@@ -64,9 +64,11 @@ class _SteeredFrontEnd:
         self.model_dir = kw["model"]
         self.max_steering_configs = max_steering_configs
         self.hot_load_neurons = hot_load_neurons
-        self._start(kw)
+        self.catalogue = catalogue(self._start(kw))
+        self.circuits = self.catalogue.sources  # the one catalogue intake checks against, shared
 
-    def _start(self, engine_kwargs: dict[str, Any]) -> None:
+    def _start(self, engine_kwargs: dict[str, Any]) -> Any:
+        """Start the engine; return its ``VllmConfig``."""
         raise NotImplementedError
 
     def _hot_load(self, source: str | Path | Source) -> tuple[str, Source, sources.Entry]:
@@ -76,39 +78,25 @@ class _SteeredFrontEnd:
         return name, circuit, entry
 
 
-@contextlib.contextmanager
-def _worker_errors() -> Iterator[None]:
-    """Re-raise a worker-side failure of a hot-load RPC as a :class:`SteeringError` with its message."""
-    try:
-        yield
-    except CnaError:
-        raise
-    except Exception as exc:  # a worker's error comes back as a generic exception
-        raise SteeringError(f"the engine refused the circuit: {exc}") from exc
-
-
 # --------------------------------------------------------------------------- offline API
 class SteeredLLM(_SteeredFrontEnd):
     """``vllm.LLM`` with circuits and a per-request ``steering=`` argument (see the base class)."""
 
-    def _start(self, engine_kwargs: dict[str, Any]) -> None:
+    def _start(self, engine_kwargs: dict[str, Any]) -> Any:
         from vllm import LLM
 
         self.llm = LLM(**engine_kwargs)
+        return self.llm.llm_engine.vllm_config
 
     def add_circuit(self, source: str | Path | Source) -> str:
         """Add a circuit or vector set (file or object) to the running engine; returns its name."""
         name, circuit, entry = self._hot_load(source)
-        with _worker_errors():  # check on every worker, then add
-            self.llm.collective_rpc("cna_check_circuit", args=(name, entry.to_dict()))
-            self.llm.collective_rpc("cna_add_circuit", args=(name, entry.to_dict()))
-        add_to_catalogue(self.llm.llm_engine.vllm_config, name, circuit)  # steerable at intake from now on
-        self.circuits[name] = circuit
+        add_to_llm(self.llm, name, entry, circuit)
         return name
 
     def specs(self, steering: Any, n: int) -> list[SteeringSpec]:
         """Parse and validate ``steering`` (one spec for all, or one per prompt)."""
-        return [s.validate(self.circuits) for s in parse_many(steering, n)]
+        return [self.catalogue.validate(s) for s in parse_many(steering, n)]
 
     def generate(
         self,
@@ -130,9 +118,8 @@ class SteeredLLM(_SteeredFrontEnd):
         params = list(sampling_params) if isinstance(sampling_params, list | tuple) else [sampling_params] * n
         if len(params) != n:
             raise SteeringError(f"got {len(params)} sampling params for {n} prompts")
-        specs = [
-            effective_spec(s, sp).validate(self.circuits) for s, sp in zip(self.specs(steering, n), params, strict=True)
-        ]
+        asked = parse_many(steering, n)
+        specs = [self.catalogue.validate(effective_spec(s, sp)) for s, sp in zip(asked, params, strict=True)]
         reqs = [steer_request(p, sp, spec) for p, sp, spec in zip(prompts, params, specs, strict=True)]
         outputs: list[Any] = [None] * n
         for wave in plan_waves(specs, self.max_steering_configs):
@@ -178,21 +165,21 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
     :meth:`shutdown` when done.
     """
 
-    def _start(self, engine_kwargs: dict[str, Any]) -> None:
+    def _start(self, engine_kwargs: dict[str, Any]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.gate = SpecGate(self.max_steering_configs)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs))
+        return self.engine.vllm_config
 
     def spec(self, steering: Any) -> SteeringSpec:
-        return SteeringSpec.parse(steering).validate(self.circuits)
+        return self.catalogue.validate(SteeringSpec.parse(steering))
 
     async def add_circuit(self, source: str | Path | Source) -> str:
         """Add a circuit or vector set to the running engine; returns its name."""
         name, circuit, entry = self._hot_load(source)
         await add_to_engine(self.engine, name, entry, circuit)
-        self.circuits[name] = circuit
         return name
 
     async def generate(
@@ -205,7 +192,7 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
         """Stream ``RequestOutput`` for one request; waits while all steering rows are taken."""
-        spec = effective_spec(self.spec(steering), sampling_params).validate(self.circuits)
+        spec = self.catalogue.validate(effective_spec(self.spec(steering), sampling_params))
         prompt, params = steer_request(prompt, sampling_params, spec)
         await self.gate.acquire(spec)
         stream = self.engine.generate(prompt, params, request_id, **kwargs)
@@ -218,11 +205,3 @@ class AsyncSteeredLLM(_SteeredFrontEnd):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-async def add_to_engine(engine: Any, name: str, entry: sources.Entry, circuit: Source) -> None:
-    """Check on every worker, then add: source ``name`` (pinned by ``entry``) in a running ``AsyncLLM``."""
-    with _worker_errors():
-        await engine.collective_rpc("cna_check_circuit", args=(name, entry.to_dict()))
-        await engine.collective_rpc("cna_add_circuit", args=(name, entry.to_dict()))
-    add_to_catalogue(engine.vllm_config, name, circuit)  # steerable at intake once every worker has it

@@ -2,7 +2,7 @@
 
 Each patch says **why** it exists, **how** it works, the **related upstream** gap and **when it
 can go**; the code is in :mod:`.engine` (P1-P4, P7), :mod:`.requests` (P5, P6) and
-:mod:`.server` (S1-S3). Pinned to vllm 0.32.0. The general plugin installs P1, P5 and P6 in
+:mod:`.server` (S1-S4). Pinned to vllm 0.32.0. The general plugin installs P1, P5 and P6 in
 every process (:func:`install`).
 
 Public APIs used elsewhere and not listed: ``ModelRegistry.register_model``, the V1
@@ -31,6 +31,8 @@ S2    ``app.user_middleware`` appended and the    the endpoint-plugin protocol c
       Starlette middleware stack rebuilt          before ``build_app`` builds the stack
 S3    ``GuardEveryRoute`` subclasses vLLM's       vLLM's API key guards ``/invocations``,
       ``AuthenticationMiddleware``                ``/tokenize``, ``/metrics``
+S4    reading vLLM's app state                    the endpoint-plugin protocol hands plugins the
+      (``engine_client``, the served LoRA names)  engine client and the served model names
 ===== ========================================== ===============================================
 
 The long-form why/how of each patch sits beside its code.

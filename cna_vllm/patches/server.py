@@ -1,4 +1,4 @@
-"""Server patches S1-S3: start-up, the middleware stack and authentication.
+"""Server patches S1-S4: start-up, the middleware stack, authentication and vLLM's app state.
 
 See :mod:`cna_vllm.patches` for the inventory (why / how / upstream / when each can go).
 Pinned to vllm 0.32.0.
@@ -98,3 +98,15 @@ class GuardEveryRoute(AuthenticationMiddleware):
         if not is_open(path) and not self.verify_token(Headers(scope=scope)):
             return JSONResponse(content={"error": "Unauthorized"}, status_code=401)(scope, receive, send)
         return self.app(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- S4
+def engine_client(app: Any) -> Any:
+    """S4: the engine client vLLM's ``init_app_state`` keeps in ``app.state.engine_client``."""
+    return app.state.engine_client
+
+
+def served_lora_names(app: Any) -> set[str]:
+    """S4: the LoRA adapters vLLM serves now (also those loaded at run time), from its app state."""
+    models = getattr(app.state, "openai_serving_models", None)
+    return set(getattr(models, "lora_requests", None) or {})

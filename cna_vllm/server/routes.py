@@ -10,8 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cna_vllm.engine.llm import add_to_engine
+from cna_vllm.engine.worker import add_to_engine
 from cna_vllm.errors import SteeringError
+from cna_vllm.patches.server import engine_client, served_lora_names
 from cna_vllm.server.schema import ApiError, parse_steering
 from cna_vllm.server.state import ServerState, server_state
 
@@ -102,12 +103,6 @@ def _body_error(exc: ValidationError) -> ApiError:
     return ApiError(f"invalid request: {param or 'body'}: {first['msg']}", param=param, code="invalid_request")
 
 
-def _lora_names(request: Request) -> set[str]:
-    """LoRA adapters vLLM serves now (also those loaded at run time), whose names a variant may not take."""
-    models = getattr(request.app.state, "openai_serving_models", None)
-    return set(getattr(models, "lora_requests", None) or {})
-
-
 @router.post("/v1/steered-models")
 async def add_steered_model(request: Request) -> JSONResponse:
     """Add a steered variant (``model=NAME`` -> base model + spec) to the running server."""
@@ -124,7 +119,7 @@ async def add_steered_model(request: Request) -> JSONResponse:
                 param="name",
                 code="model_exists",
             )
-        taken = {*variants.reserved, *_lora_names(request)} - ({body.name} if old else set())
+        taken = {*variants.reserved, *served_lora_names(request.app)} - ({body.name} if old else set())
         if body.name in taken:
             raise ApiError(
                 f"{body.name!r} is the name of a model this server already serves (base model or LoRA adapter)",
@@ -161,7 +156,7 @@ async def load_circuit(request: Request) -> JSONResponse:
                     code="hot_load_disabled",
                 )
             try:
-                await add_to_engine(request.app.state.engine_client, circuit.name, entry, circuit)
+                await add_to_engine(engine_client(request.app), circuit.name, entry, circuit)
             except SteeringError as exc:
                 raise ApiError(str(exc), status=409, param="path", code="hot_load_refused") from None
             state.catalog.add(circuit.name, circuit, entry)
