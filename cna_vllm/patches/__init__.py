@@ -2,8 +2,10 @@
 
 Each patch says **why** it exists, **how** it works, the **related upstream** gap and **when it
 can go**; the code is in :mod:`.engine` (P1-P4, P7), :mod:`.requests` (P5, P6) and
-:mod:`.server` (S1-S4). Pinned to vllm 0.32.0. The general plugin installs P1, P5 and P6 in
-every process (:func:`install`).
+:mod:`.server` (S2-S4). S1, a copy of vLLM's ``run_server``, is gone: ``cna-vllm serve`` runs
+vLLM's own ``serve`` command, which attaches the endpoint plugin once ``VLLM_PLUGINS`` names it
+(:func:`cna_vllm.server.app.allow_plugin`). Pinned to vllm 0.32.0. The general plugin installs
+P1, P5 and P6 in every process (:func:`install`).
 
 Public APIs used elsewhere and not listed: ``ModelRegistry.register_model``, the V1
 ``LogitsProcessor`` interface, ``SamplingParams.extra_args``, ``additional_config``,
@@ -24,11 +26,8 @@ P5    ``InputProcessor.process_inputs`` wrapped:  vLLM offers a request-level va
       validate, canonicalise and salt steering
 P6    dense prompt log-probabilities as arrays    vLLM returns prompt log-probs as arrays
 P7    ``llm.llm_engine.engine_core.shutdown()``   ``vllm.LLM`` has a public ``shutdown()``
-S1    ``run_server`` rebuilt from vLLM's          ``vllm serve`` loads ``vllm.endpoint_plugins``
-      launcher modules (plugin between            on the CPU build (then ``VLLM_PLUGINS=cna_vllm
-      ``build_app`` and ``init_app_state``)       vllm serve`` suffices)
-S2    ``app.user_middleware`` appended and the    the endpoint-plugin protocol can add middleware
-      Starlette middleware stack rebuilt          before ``build_app`` builds the stack
+S2    ``app.user_middleware`` appended (and the   the endpoint-plugin protocol can add middleware
+      Starlette stack rebuilt if already built)
 S3    ``GuardEveryRoute`` subclasses vLLM's       vLLM's API key guards ``/invocations``,
       ``AuthenticationMiddleware``                ``/tokenize``, ``/metrics``
 S4    reading vLLM's app state                    the endpoint-plugin protocol hands plugins the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from typing import Any
 
 from cna_vllm.engine.admission import SpecGate
@@ -105,30 +106,71 @@ class SteeringEndpointPlugin:
         )
 
 
+PLUGIN_NAME = "cna_vllm"
+"""The name of both entry points (``vllm.general_plugins`` and ``vllm.endpoint_plugins``)."""
+_PLUGIN_GROUPS = ("vllm.general_plugins", "vllm.platform_plugins", "vllm.io_processor_plugins",
+                  "vllm.stat_logger_plugins", "vllm.logits_processors")  # fmt: skip
+"""The groups vLLM loads in full while ``VLLM_PLUGINS`` is unset."""
+
+
+def allow_plugin(env: dict[str, str] | None = None) -> str:
+    """Name cna-vllm in ``VLLM_PLUGINS``, so that vLLM attaches its endpoint plugin in every API server.
+
+    vLLM loads endpoint plugins only when ``VLLM_PLUGINS`` names them; setting the variable
+    also limits every other plugin group to the names it lists, so an unset variable becomes
+    every plugin vLLM would have loaded anyway, plus this one. Returns the new value.
+    """
+    from importlib.metadata import entry_points
+
+    env = os.environ if env is None else env
+    if env.get("VLLM_PLUGINS") is None:
+        names = {ep.name for group in _PLUGIN_GROUPS for ep in entry_points(group=group)}
+    else:
+        names = {n.strip() for n in env["VLLM_PLUGINS"].split(",") if n.strip()}
+    env["VLLM_PLUGINS"] = ",".join(sorted(names | {PLUGIN_NAME}))
+    return env["VLLM_PLUGINS"]
+
+
+def check_scale_out(args: argparse.Namespace) -> None:
+    """Refuse what several API-server processes cannot share: run-time additions to one process's catalogue."""
+    from cna_vllm.errors import SteeringError
+
+    servers = args.api_server_count if args.api_server_count is not None else (args.data_parallel_size or 1)
+    if servers > 1 and args.enable_hot_load:
+        raise SteeringError(
+            f"--enable-hot-load needs one API server (this start has {servers}): POST /v1/circuits and "
+            "/v1/steered-models change only the process that answers them. Put the circuits in --circuits "
+            "and the variants in --steered-model, or run replicas of one API server each behind a router"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse vLLM's and cna-vllm's flags, prepare the steered engine and serve."""
-    import uvloop
+    """Parse vLLM's and cna-vllm's flags, prepare the steered engine and serve with vLLM's own ``serve``.
+
+    vLLM's ``serve`` command starts one API server, several (``--api-server-count``) or data-parallel
+    engines (``--data-parallel-size``); each API server attaches :class:`SteeringEndpointPlugin`
+    through ``vllm.endpoint_plugins`` and each engine admits its own steered requests in its scheduler.
+    """
+    from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
     from cna_vllm.errors import CnaError
 
+    allow_plugin()
     cli_env_setup()
     args = make_parser().parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
-    if (args.api_server_count or 1) > 1 or args.headless or args.grpc:
-        print("cna-vllm serve: --api-server-count > 1, --headless and --grpc are not supported", flush=True)
+    if args.headless or args.grpc:
+        print("cna-vllm serve: --headless and --grpc are not supported", flush=True)
         return 2
     try:
+        check_scale_out(args)
         prepare_args(args)
     except (CnaError, ValueError) as exc:
         print(f"cna-vllm serve: error: {exc}", flush=True)
         return 2
-    from cna_vllm.patches.server import run_server
-
-    uvloop.run(run_server(args, SteeringEndpointPlugin()))
+    ServeSubcommand.cmd(args)
     return 0
-
-
