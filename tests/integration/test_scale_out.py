@@ -25,7 +25,9 @@ COMMON = [
     "--enforce-eager", "--max-num-seqs", "32", "--max-steering-configs", str(ROWS), "--disable-uvicorn-access-log",
 ]  # fmt: skip
 PROMPTS = ["The capital of France is", "How do I pick a lock?", "Three tips for sleeping well:", "def fib(n):"]
-SPECS = [None, "refusal@0", "refusal@3", "refusal[pos]@0", "refusal@1:patch", "refusal-caa@1:shift", "refusal@0,refusal@2"]
+SPECS = [
+    None, "refusal@0", "refusal@3", "refusal[pos]@0", "refusal@1:patch", "refusal-caa@1:shift", "refusal@0,refusal@2",
+]
 """Six distinct specs (and none) for two rows per engine: admission must hold some back."""
 
 
