@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from cna_vllm.errors import CircuitError
-from cna_vllm.fileformat import SourceFile, tool_version, write_file
+from cna_vllm.fileformat import SourceFile, write_file
 from cna_vllm.identity import ModelIdentity
 
 PARTS: dict[str, str] = {
@@ -62,17 +61,11 @@ class Circuit(SourceFile):
     """A set of ``(layer, neuron)`` pairs with discovery statistics and metadata."""
 
     kind: ClassVar[str] = "cna"
-    name: str
     layers: np.ndarray
     neurons: np.ndarray
     score: np.ndarray
     mean_pos: np.ndarray
     mean_neg: np.ndarray
-    model: ModelIdentity | None = None
-    description: str = ""
-    discovery: dict = field(default_factory=dict)
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    version: str = field(default_factory=tool_version)
 
     def __post_init__(self) -> None:
         for key, dtype in TENSORS.items():

@@ -11,6 +11,8 @@ common fields, their metadata and the model check. This module knows no kind.
 from __future__ import annotations
 
 import json
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -88,22 +90,24 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _check_header(path, header.get("__metadata__") or {})
 
 
+@dataclass(frozen=True, eq=False)
 class SourceFile:
     """What every stored steering source has: name, model identity, provenance, one model check.
 
-    Subclasses are frozen dataclasses that declare these fields (after their tensors) and
+    Subclasses are frozen dataclasses that add their tensors (positional, after ``name``) and
     :attr:`kind`; they add their tensors to :meth:`metadata` and their shape checks to
-    :meth:`validate_for` through :meth:`_check_fit`.
+    :meth:`validate_for` through :meth:`_check_fit`. The provenance fields are keyword-only.
     """
 
     kind: ClassVar[str]
     noun: ClassVar[str] = "circuit"
     name: str
-    model: ModelIdentity | None
-    description: str
-    discovery: dict
-    created_at: str
-    version: str
+    _: KW_ONLY
+    model: ModelIdentity | None = None
+    description: str = ""
+    discovery: dict = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    version: str = field(default_factory=tool_version)
 
     def _common_metadata(self) -> dict[str, Any]:
         return {

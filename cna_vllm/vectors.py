@@ -20,15 +20,14 @@ JSON has ``kind: "caa"`` and ``site`` beside the fields a CNA circuit has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from cna_vllm.errors import CircuitError
-from cna_vllm.fileformat import SourceFile, tool_version, write_file
+from cna_vllm.fileformat import SourceFile, write_file
 from cna_vllm.identity import ModelIdentity
 
 SITES = ("mlp_out", "residual")
@@ -41,15 +40,9 @@ class VectorSet(SourceFile):
 
     kind: ClassVar[str] = KIND
     noun: ClassVar[str] = "vector set"
-    name: str
     layers: np.ndarray
     vectors: np.ndarray
     site: str = "mlp_out"
-    model: ModelIdentity | None = None
-    description: str = ""
-    discovery: dict = field(default_factory=dict)
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    version: str = field(default_factory=tool_version)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", np.ascontiguousarray(self.layers, dtype=np.int32))

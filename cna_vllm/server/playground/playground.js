@@ -646,9 +646,21 @@ function init() {
       }
     });
   }
+  addPaneB();
   makeSpec(0);
   selectTab("curl");
   loadCatalog();
+}
+
+/** The "+ compare" pane: a copy of pane A's markup with its letter and label changed (one copy in the HTML). */
+function addPaneB() {
+  const a = $("#pane-a");
+  const b = a.cloneNode(true);
+  b.id = "pane-b";
+  b.hidden = true;
+  $(".spec-letter", b).textContent = "B";
+  $(".out", b).setAttribute("aria-label", "Steered B completion");
+  a.after(b);
 }
 
 init();
