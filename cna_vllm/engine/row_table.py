@@ -3,10 +3,11 @@
 How a step flows (V1 model runner):
 
 1. The runner applies the scheduler's batch changes to its persistent batch and calls
-   :meth:`SteeringLogitsProcessor.update_state` with the removed / added / moved slots.
-   Added requests carry their ``SamplingParams``; ``extra_args["steering"]`` holds the
-   spec. :class:`SteeringState` gives each distinct spec a row (identical specs share one,
-   refcounted) and records ``slot → row``. Row 0 is the identity and is never written.
+   :meth:`~cna_vllm.engine.processor.SteeringLogitsProcessor.update_state` with the removed /
+   added / moved slots. Added requests carry their ``SamplingParams``, whose
+   ``extra_args["steering"]`` holds the spec's wire form (read back once per distinct spec
+   per process). :class:`SteeringState` gives each distinct spec a row (identical specs share
+   one, refcounted) and records ``slot → row``. Row 0 is the identity and is never written.
 2. The steered model's outer ``forward`` (plain Python, outside the compiled graph)
    calls :meth:`SteeringState.prepare`, which expands ``slot → row`` into the per-token
    row index with the model runner's own ``query_start_loc`` buffer (bound once after
