@@ -36,7 +36,7 @@ def run_one(args: argparse.Namespace) -> None:
     from cna_vllm.embedded import model_alias
     from cna_vllm.evaluate.backends import EngineBackend
     from cna_vllm.evaluate.judge import is_refusal
-    from cna_vllm.evaluate.metrics import mean, quality_paper
+    from cna_vllm.evaluate.scoring import mean, quality_paper
     from cna_vllm.prompts import load_prompts
     from cna_vllm.steering import SteeringSpec
 
@@ -80,7 +80,7 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def wilson(k: int, n: int) -> list[float]:
-    from cna_vllm.evaluate.metrics import wilson as w
+    from cna_vllm.evaluate.scoring import wilson as w
 
     return [round(x, 4) for x in w(k, n)]
 

@@ -10,8 +10,8 @@ from cna_vllm.errors import SteeringError
 from cna_vllm.evaluate.backends import Backend
 from cna_vllm.evaluate.judge import is_refusal
 from cna_vllm.evaluate.kl import kl_summary
-from cna_vllm.evaluate.metrics import mcnemar, mean, quality_by_length, quality_paper, quality_robust, wilson
 from cna_vllm.evaluate.mmlu import Question
+from cna_vllm.evaluate.scoring import mcnemar, mean, quality_by_length, quality_paper, quality_robust, wilson
 from cna_vllm.prompts import PromptSet
 from cna_vllm.steering import SteeringSpec, split_part
 

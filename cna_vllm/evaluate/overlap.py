@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,12 @@ def plot_overlap(result: dict[str, Any], path: str | Path) -> Path:
     )
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def write_overlap(a: Circuit, b: Circuit, out_dir: str | Path, top: int | None = None) -> tuple[dict, list[Path]]:
+    """:func:`overlap` as ``overlap.json`` and ``overlap.png`` in ``out_dir``; return it and the two paths."""
+    result = overlap(a, b, top=top)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result, [out / "overlap.json", plot_overlap(result, out / "overlap.png")]

@@ -36,11 +36,11 @@ def test_alias_is_known_optional_and_names_its_packages_in_order():
 
 
 def test_prepare_all_skips_an_optional_model_that_is_not_installed(monkeypatch, tmp_path, capsys):
-    from cna_vllm.cli import cmd_prepare_model
+    from cna_vllm.cli.commands import cmd_prepare_model
 
     fake = models.EmbeddedModel("fake-opt", ("no_such_pkg_xyz",), ("m.gguf",), "0" * 64, "pip install x", True)
     monkeypatch.setattr(models, "EMBEDDED", {"fake-opt": fake})
-    monkeypatch.setattr("cna_vllm.cli.EMBEDDED", {"fake-opt": fake})
+    monkeypatch.setattr("cna_vllm.cli.commands.EMBEDDED", {"fake-opt": fake})
     cmd_prepare_model(build_parser().parse_args(["prepare-model", "all"]))
     assert "skipped fake-opt (optional; install it with: pip install x)" in capsys.readouterr().err
 

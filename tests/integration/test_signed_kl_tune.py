@@ -60,6 +60,7 @@ def test_kl_referee_reads_full_vocabulary_distributions(backend):
 
 def test_tune_writes_the_front_and_a_neuron_spec(backend, tmp_path, monkeypatch):
     from cna_vllm import cli
+    from cna_vllm.evaluate.harness import Harness
 
     class Shared:  # the module's engine, kept open after the command
         def __getattr__(self, name):
@@ -68,7 +69,7 @@ def test_tune_writes_the_front_and_a_neuron_spec(backend, tmp_path, monkeypatch)
         def close(self):
             pass
 
-    monkeypatch.setattr(cli, "_backend", lambda args, circuits=None: Shared())
+    monkeypatch.setattr(Harness, "backend", lambda self, circuits=None: Shared())
     out = tmp_path / "tune"
     code = cli.main(["tune", "--model", SMALL_MODEL, "--circuit", "refusal", "--parts", "all,pos",
                      "--modes", "scale,shift", "--trials", "2", "--limit", "3", "--kl-prompts", "2",

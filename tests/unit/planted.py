@@ -77,3 +77,36 @@ def circuit_of(name: str, keys: list[tuple[int, int]], seed: int = 0):
         mean_pos=rng.normal(size=n),
         mean_neg=rng.normal(size=n),
     )
+
+
+CHAT_WORDS = {"<u>": 60, "</u>": 61, "<a>": 62}
+WORDS = {"<unk>": 0, "</s>": 1, **CHAT_WORDS, "trigger": TRIGGER}
+WORDS |= {f"w{i}": i for i in range(2, DIMS["vocab_size"]) if i not in WORDS.values()}
+
+
+def planted_tokenizer():
+    """A word-level HF tokenizer over the planted vocabulary: ``w<id>`` is token ``id``, ``trigger`` is
+    :data:`TRIGGER`; its chat template wraps the prompt in ``<u> … </u>`` and appends ``<a>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(dict(WORDS), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}<u> {{ m['content'] }} </u>{% endfor %}{% if add_generation_prompt %} <a>{% endif %}"
+    )
+    return fast
+
+
+def prompt_sets(n: int = 12, seed: int = 0):
+    """:func:`token_sets` (exactly, token for token) as text prompt sets for :func:`planted_tokenizer`."""
+    from cna_vllm.prompts import PromptSet
+
+    word = {i: w for w, i in WORDS.items()}
+
+    def text(ids: list[list[int]]) -> tuple[str, ...]:
+        return tuple(" ".join(word[t] for t in p) for p in ids)
+
+    pos, neg, div = token_sets(n, seed)
+    return PromptSet("pos", text(pos)), PromptSet("neg", text(neg)), PromptSet("div", text(div))

@@ -1,18 +1,15 @@
+"""CNA ranking on tiny random models with planted neurons, and the scores by hand."""
+
 import numpy as np
 import pytest
 import torch
 
-from cna_vllm.discover import (
-    ActivationStats,
-    DiscoveryConfig,
-    discover_ids,
-    last_token_activations,
-    neuron_scores,
-    select,
-)
+from cna_vllm.circuit import SIGN_CONVENTION
+from cna_vllm.discover.cna import DiscoveryConfig, discover, discover_ids, neuron_scores, select
+from cna_vllm.discover.record import ActivationStats
 from cna_vllm.errors import CnaError
 
-from .planted import ALWAYS_ON, PLANTED, planted_model, token_sets
+from .planted import ALWAYS_ON, PLANTED, planted_model, planted_tokenizer, prompt_sets, token_sets
 
 ARCHS = ["llama", "qwen2"]
 
@@ -62,15 +59,6 @@ def test_skip_layers_and_per_layer_k():
         discover_ids(model, pos, neg, config=DiscoveryConfig(skip_layers=(9,)), diverse=div, progress=False)
 
 
-def test_left_padding_gives_each_prompt_its_unbatched_activations():
-    model = planted_model("qwen2")
-    pos, neg, _ = token_sets(n=4)
-    prompts = pos + neg
-    batched = torch.cat(list(last_token_activations(model, prompts, batch_size=8, progress=False)))
-    single = torch.cat(list(last_token_activations(model, prompts, batch_size=1, progress=False)))
-    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
-
-
 def test_activation_stats_and_scores_by_hand():
     pos, neg = ActivationStats(), ActivationStats()
     pos.update(torch.tensor([[[1.0, 4.0]], [[3.0, 4.0]]]))  # means (2, 4), var (2, 0)
@@ -104,3 +92,29 @@ def test_bad_config_is_refused():
         DiscoveryConfig(scoring="zscore")
     with pytest.raises(CnaError):
         DiscoveryConfig(top_k=0)
+
+
+def test_discover_from_prompt_sets_gives_the_circuit_and_its_record():
+    model, tok = planted_model(), planted_tokenizer()
+    pos, neg, div = prompt_sets()
+    cfg = DiscoveryConfig(top_k=len(PLANTED), chat_template=False, batch_size=5)
+    result = discover(model, tok, pos, neg, name="refusal", config=cfg, diverse=div, progress=False)
+    c = result.circuit
+    assert c.name == "refusal" and c.description == "" and c.model is None
+    assert sorted(c.pairs()) == sorted(PLANTED)
+    ids_pos, ids_neg, ids_div = token_sets()
+    layers, neurons, p_stats, n_stats, report = discover_ids(model, ids_pos, ids_neg, config=cfg, diverse=ids_div,
+                                                             progress=False)
+    assert c.pairs() == found(layers, neurons)  # the same neurons, in the same order, as from token ids
+    np.testing.assert_allclose(c.score, report["scores"][layers, neurons])
+    np.testing.assert_allclose(c.mean_pos, p_stats.mean[layers, neurons])
+    np.testing.assert_allclose(c.mean_neg, n_stats.mean[layers, neurons])
+    d = c.discovery
+    assert d["method"] == "cna" and d["positive"] == pos.describe() and d["diverse"] == div.describe()
+    assert d["universal_removed"] == report["universal_removed"] >= 1 and d["universal_inputs"] == len(div)
+    assert d["skip_layers"] == [] and "batch_size" not in d and d["sign_convention"] == SIGN_CONVENTION
+    s = result.summary
+    assert list(ALWAYS_ON) in s["universal_neurons"] and s["wall_time_s"] >= 0
+    assert [(t["layer"], t["neuron"]) for t in s["top_neurons"]] == c.pairs()
+    with pytest.raises(CnaError, match="diverse prompt set"):
+        discover(model, tok, pos, neg, name="x", config=cfg, progress=False)

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from cna_vllm.evaluate.judge import is_refusal
-from cna_vllm.evaluate.metrics import mcnemar, quality_paper, quality_robust, wilson
 from cna_vllm.evaluate.mmlu import Question, choice_from_logprobs, choice_from_text, load_mmlu
+from cna_vllm.evaluate.scoring import mcnemar, quality_paper, quality_robust, wilson
 from cna_vllm.prompts import DATA_DIR
 
 

@@ -1,0 +1,7 @@
+"""``python -m cna_vllm.cli``: the ``cna-vllm`` command."""
+
+import sys
+
+from cna_vllm.cli import main
+
+sys.exit(main())
