@@ -80,19 +80,26 @@ class SteeringAdmission:
         section = (self.vllm_config.additional_config or {}).get(CONFIG_KEY) or {}
         self.cna_capacity = int(section.get("max_steering_configs", DEFAULT_MAX_STEERING_CONFIGS))
 
+    def _queues(self) -> list[Any]:
+        """The waiting queues in the order vLLM drains them: KV-holding waiters first, where it has them."""
+        return [q for q in (getattr(self, "kv_holding_waiting", None), self.waiting) if q is not None]
+
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        waiting = list(self.waiting)
+        queues = self._queues()
+        waiting = [(q, r) for q in queues for r in q]
         held_idx = held_back(
-            (steering_key(r) for r in self.running), [steering_key(r) for r in waiting], self.cna_capacity
+            (steering_key(r) for r in self.running), [steering_key(r) for _q, r in waiting], self.cna_capacity
         )
         held = [waiting[i] for i in held_idx]
-        if held:
-            self.waiting.remove_requests(held)
+        for q in queues:
+            if mine := [r for hq, r in held if hq is q]:
+                q.remove_requests(mine)
         try:
             return super().schedule(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            if held:  # back at the head in their order (prepend_requests reverses): the oldest steered waiters
-                self.waiting.prepend_requests(reversed(held))
+        finally:  # back at the head in their order (prepend_requests reverses): the oldest steered waiters
+            for q in queues:
+                if mine := [r for hq, r in held if hq is q]:
+                    q.prepend_requests(reversed(mine))
 
 
 class SteeringScheduler(SteeringAdmission, Scheduler):

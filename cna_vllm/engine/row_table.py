@@ -213,36 +213,50 @@ class SteeringState:
                 table[row].zero_()
 
     # ------------------------------------------------------------------ batch updates
-    def set_slot(self, slot: int, row: int) -> None:
-        """Point ``slot`` at ``row``; release the row it held (an implicit removal)."""
-        self.release(int(self.slot_rows[slot]))
-        self.slot_rows[slot] = row
-        self._token_rows_dirty = True
-
     def apply_batch_update(self, update: Any) -> None:
-        """Apply a vLLM ``BatchUpdate`` (removed, then added, then moved)."""
+        """Apply a vLLM ``BatchUpdate`` (removed, then added, then moved) as one change.
+
+        The final layout is worked out first; every row the step drops is released before any
+        new spec takes one. A removed slot that vLLM's ``condense`` refills is not listed in
+        ``removed``: its request is gone only in ``moved`` (a -> b drops b's), and an added
+        request may replace a slot's old one without a removal at all. Releasing in list order
+        would let a step whose final rows fit still find the table full (issue #9; the
+        ``--api-server-count 2`` soak hit it).
+        """
         if update is None:
             return
         from vllm.v1.sample.logits_processor import MoveDirectionality
 
+        layout = self.slot_rows.copy()
+        pending: dict[int, SteeringSpec] = {}  # slot -> spec of an added request, not yet given a row
+        dropped: list[int] = []
+
+        def vacate(slot: int) -> None:
+            dropped.append(int(layout[slot]))
+            layout[slot] = 0
+            pending.pop(slot, None)
+
         for slot in update.removed:
-            self.set_slot(slot, 0)
-        # An added request may replace the one in its slot without that slot being listed as
-        # removed: release every replaced row *before* acquiring any, so a step that frees a row
-        # and takes one for a new spec never finds the table full (issue #9, capacity crash).
-        added = [(slot, SteeringSpec.from_params(params)) for slot, params, _prompt, _out in update.added]
-        for slot, _spec in added:
-            self.set_slot(slot, 0)
-        for slot, spec in added:
-            self.set_slot(slot, self.acquire(spec))
+            vacate(slot)
+        for slot, params, _prompt, _out in update.added:
+            vacate(slot)
+            pending[slot] = SteeringSpec.from_params(params)
         for a, b, direction in update.moved:
-            ra, rb = int(self.slot_rows[a]), int(self.slot_rows[b])
             if direction == MoveDirectionality.SWAP:
-                self.slot_rows[a], self.slot_rows[b] = rb, ra
+                layout[a], layout[b] = layout[b], layout[a]
+                pa, pb = pending.pop(a, None), pending.pop(b, None)
+                pending.update({k: v for k, v in ((b, pa), (a, pb)) if v is not None})
             else:  # a -> b; whatever b held is gone
-                self.release(rb)
-                self.slot_rows[b], self.slot_rows[a] = ra, 0
-            self._token_rows_dirty = True
+                vacate(b)
+                layout[b], layout[a] = layout[a], 0
+                if a in pending:
+                    pending[b] = pending.pop(a)
+        for row in dropped:
+            self.release(row)
+        for slot, spec in pending.items():
+            layout[slot] = self.acquire(spec)
+        self.slot_rows[:] = layout
+        self._token_rows_dirty = True
 
     def bind_request_offsets(self, query_start_loc: torch.Tensor) -> None:
         """Use the model runner's persistent ``query_start_loc`` buffer (``[max_num_seqs + 1]``).
