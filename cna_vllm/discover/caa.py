@@ -65,15 +65,8 @@ def caa_vectors(
 
 
 def discover_caa(
-    model: torch.nn.Module,
-    tokenizer,
-    positive: PromptSet,
-    negative: PromptSet,
-    *,
-    name: str,
-    identity: ModelIdentity | None = None,
-    description: str = "",
-    site: str = "mlp_out",
+    model: torch.nn.Module, tokenizer, positive: PromptSet, negative: PromptSet, *, name: str,
+    identity: ModelIdentity | None = None, description: str = "", site: str = "mlp_out",
     layers: Sequence[int] | None = None,
     chat_template: bool = True,
     batch_size: int = 8,

@@ -124,22 +124,18 @@ class ArmResult:
             base_rate = sum(baseline.refusals) / n if n else 0
             out["relative_refusal_reduction"] = (1 - out["refusal_rate"] / base_rate) if base_rate else None
         if self.harmless_outputs:
-            h, m = sum(self.harmless_refusals), len(self.harmless_outputs)
-            out |= {
-                "n_harmless": m,
-                "over_refusal": h / m,
-                "over_refusal_ci": list(wilson(h, m)),
-                "harmless_outputs": self.harmless_outputs,
-            }
+            out |= _rate("over_refusal", self.harmless_refusals, "n_harmless", "over_refusal_ci")
+            out["harmless_outputs"] = self.harmless_outputs
         if self.mmlu_correct:
-            c, m = sum(self.mmlu_correct), len(self.mmlu_correct)
-            out |= {
-                "mmlu_n": m,
-                "mmlu_accuracy": c / m,
-                "mmlu_ci": list(wilson(c, m)),
-                "mmlu_unparsed": sum(x is None for x in self.mmlu_choices),
-            }
+            out |= _rate("mmlu_accuracy", self.mmlu_correct, "mmlu_n", "mmlu_ci")
+            out["mmlu_unparsed"] = sum(x is None for x in self.mmlu_choices)
         return out
+
+
+def _rate(name: str, flags: list[bool], n_key: str, ci_key: str) -> dict[str, Any]:
+    """A share of ``flags`` under ``name``, its count under ``n_key`` and its Wilson interval under ``ci_key``."""
+    k, n = sum(flags), len(flags)
+    return {n_key: n, name: k / n, ci_key: list(wilson(k, n))}
 
 
 def run_arm(
