@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", default="0.001,0.002,0.005", help="circuit sizes derived from --wide-circuit")
     p.add_argument("--dry-run", action="store_true", help="print the arms and exit")
     p.add_argument("--target-reduction", type=float, default=0.5, help="minimum relative refusal reduction")
-    p.add_argument("--target-quality", type=float, default=0.97, help="minimum paper quality")
+    p.add_argument("--target-quality", type=float, default=0.97,
+                   help="minimum paper quality, as a ratio to the baseline's")
     p.add_argument("--target-mmlu-drop", type=float, default=0.01, help="maximum MMLU drop (absolute)")
     p.add_argument("--target-kl", type=float, default=None,
                    help="maximum teacher-forced KL on harmless prompts, nats (default: KL_CEILING; 0: no check)")
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-sweep", help="a sweep's output directory or report.json: start from its best arms")
     p.add_argument("--seeds", type=int, default=3, help="how many of the grid's best arms to start from")
     p.add_argument("--target-reduction", type=float, default=0.5)
-    p.add_argument("--target-quality", type=float, default=0.97, help="the constraint: minimum paper quality")
+    p.add_argument("--target-quality", type=float, default=0.97,
+                   help="the constraint: minimum paper quality, as a ratio to the baseline's")
     p.add_argument("--target-mmlu-drop", type=float, default=0.01)
     p.add_argument("--target-kl", type=float, default=None, help="KL ceiling, nats (default KL_CEILING; 0: none)")
     eval_args(p)

@@ -120,7 +120,7 @@ def tune(
         trial.set_user_attr("spec", key)
         trial.set_user_attr("figures", {k: arm.get(k) for k in FIGURES})
         trial.set_user_attr("misses", target.check(arm, baseline))
-        constraint = target.min_quality - arm["quality_paper"]
+        constraint = target.quality_floors(baseline)[0] - arm["quality_paper"]
         trial.set_user_attr("constraint", constraint)
         if hasattr(trial, "set_constraint"):  # optuna >= 5
             trial.set_constraint("quality", constraint)
@@ -215,7 +215,7 @@ def write_outputs(result: dict[str, Any], model: str, target: Target, out_dir: s
     out.mkdir(parents=True, exist_ok=True)
     front = [r for r in result["trials"] if r["pareto"]]
     (out / "pareto.json").write_text(json.dumps({"objectives": ["refusal_rate", "kl_forced"],
-                                                 "constraint": f"quality_paper >= {target.min_quality}",
+                                                 "constraint": f"quality_paper >= {target.min_quality} x baseline",
                                                  "baseline": result["baseline"], "front": front}, indent=2) + "\n")
     (out / "trials.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "recommended.json").write_text(json.dumps(recommendation(result, model, target), indent=2) + "\n")

@@ -91,3 +91,42 @@ def test_kl_ceiling_and_neuron_spec_in_the_recommendation():
     assert rec["neuron_spec"] == "c[neg]@2" and rec["neuron"]["meets_target"] and rec["neuron"]["kl_forced"] == 0.01
     assert SteeringSpec.parse(rec["neuron_spec"])  # `cna-vllm ab --arms` takes it as is
     assert summarise(report, Target(max_kl=None))["rows"][0]["meets_target"]
+
+
+def test_quality_floor_is_relative_to_the_baseline_and_ties_go_to_the_smaller_kl():
+    """At 128 tokens the unsteered model itself scores 0.906: an arm at 0.886 keeps 97.8% of it."""
+    report = {
+        "arms": [
+            arm("baseline", None, 0.4, quality=0.906),
+            arm("v@0.5:shift", "v@0.5:shift", 0.15, quality=0.886, kind="caa") | {"kl_forced": 0.09},  # 0.978 x
+            arm("c@3", "c@3", 0.1, quality=0.85) | {"kl_forced": 0.05},  # 0.938 x: misses on quality
+            arm("c@2", "c@2", 0.3, quality=0.90) | {"kl_forced": 0.09},
+            arm("c[pos]@2", "c[pos]@2", 0.3, quality=0.89) | {"kl_forced": 0.05},  # same reduction, less KL
+        ]
+    }
+    target = Target()
+    assert target.quality_floors(report["arms"][0]) == (0.97 * 0.906, 0.87 * 0.856)
+    summary = summarise(report, target)
+    by = {r["arm"]: r for r in summary["rows"]}
+    assert by["v@0.5:shift"]["meets_target"]
+    assert by["c@3"]["misses"] == ["quality 0.850/0.800 under 0.879/0.745"]
+    assert summary["recommended"]["arm"] == "v@0.5:shift"
+    assert summary["neuron_recommended"] is None and summary["neuron_closest"]["arm"] == "c[pos]@2"
+
+
+def test_an_arm_that_raises_refusal_is_never_the_closest():
+    report = {
+        "arms": [
+            arm("baseline", None, 0.4),
+            arm("c@0", "c@0", 0.8) | {"kl_forced": 0.05},  # misses only on reduction, but raises refusal
+            arm("c[pos]@2", "c[pos]@2", 0.3, mmlu=0.45) | {"kl_forced": 0.05},  # lowers it, misses MMLU too
+            arm("c[neg]@2", "c[neg]@2", 0.35, mmlu=0.45) | {"kl_forced": 0.01},  # lowers it less
+        ]
+    }
+    summary = summarise(report, Target())
+    assert summary["recommended"] is None and summary["closest"]["arm"] == "c[pos]@2"
+    rec = recommendation(summary, "m")
+    assert rec["neuron_spec"] == "c[pos]@2" and any("MMLU" in m for m in rec["neuron"]["misses"])
+    assert any(m.startswith("refusal reduction") for m in rec["misses"]) and "see misses" in rec["note"]
+    raising = summarise({"arms": report["arms"][:2]}, Target())
+    assert raising["closest"] is None and recommendation(raising, "m")["spec"] is None
