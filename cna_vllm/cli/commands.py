@@ -16,7 +16,10 @@ def ints(text: str) -> tuple[int, ...]:
 
 
 def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> None:
@@ -115,17 +118,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from cna_vllm.evaluate.harness import Harness, run_sweep
     from cna_vllm.evaluate.sweep import grid_arms, sweep_arms
 
-    circuits, names = Harness.of(args).sized_circuits(args.circuit, args.wide_circuit, floats(args.fractions))
     parts, modes = args.parts.split(","), args.modes.split(",")
-    if args.alphas:
-        try:
+    try:  # every list flag, size and mode is checked before an engine starts
+        circuits, names = Harness.of(args).sized_circuits(args.circuit, args.wide_circuit, floats(args.fractions))
+        if args.alphas:
             arms = grid_arms(names, parts, modes, floats(args.alphas), both_signs=args.signs == "both",
                              vectors=list(args.caa), vector_alphas=floats(args.caa_alphas) or None)
-        except ValueError as exc:
-            raise CnaError(str(exc)) from exc
-    else:
-        arms = sweep_arms([n if p == "all" else f"{n}[{p}]" for n in names for p in parts], modes,
-                          floats(args.values), list(args.caa), floats(args.caa_alphas or "0.25,0.5,1"))
+        else:
+            arms = sweep_arms([n if p == "all" else f"{n}[{p}]" for n in names for p in parts], modes,
+                              floats(args.values), list(args.caa), floats(args.caa_alphas or "0.25,0.5,1"))
+    except ValueError as exc:
+        raise CnaError(str(exc)) from exc
     print(f"sweep: {len(arms)} arms (baseline included)")
     if args.dry_run:
         print("\n".join(a.name for a in arms))
@@ -157,8 +160,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
     harness, sets = _jobs(args)
     if harness.base_url:
         raise CnaError("tune needs the in-process engine (the KL referee), not --base-url")
-    circuits, names = harness.sized_circuits(args.circuit, args.wide_circuit, floats(args.fractions))
-    lo, hi = floats(args.alpha_range)
+    try:
+        circuits, names = harness.sized_circuits(args.circuit, args.wide_circuit, floats(args.fractions))
+        lo, hi = floats(args.alpha_range)
+    except ValueError as exc:
+        raise CnaError(str(exc)) from exc
     space = Space(names, args.parts.split(","), args.modes.split(","), (lo, hi), args.alpha_step, list(args.caa))
     seeds = []
     if args.from_sweep:

@@ -87,6 +87,15 @@ def derived_circuits(wide: Circuit, fractions: list[float]) -> dict[str, Circuit
     return out
 
 
+def check_modes(modes: list[str]) -> None:
+    """Refuse an unknown mode before any arm is built (and before an engine starts)."""
+    from cna_vllm.steering import MODES
+
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; use {', '.join(MODES)}")
+
+
 def sweep_arms(
     circuits: list[str],
     modes: list[str],
@@ -96,6 +105,7 @@ def sweep_arms(
 ) -> list[Arm]:
     """The baseline, one arm per (circuit, mode, value) and one per (CAA vector set, α) in
     ``shift`` mode, skipping no-op settings."""
+    check_modes(modes)
     grid = [(name, mode, value) for name in circuits for mode in modes for value in values]
     grid += [(name, "shift", alpha) for name in vectors for alpha in alphas]
     arms = [Arm(BASELINE, SteeringSpec())]
@@ -128,6 +138,7 @@ def grid_arms(
     bad = [p for p in parts if p != "all" and p not in PART_NAMES]
     if bad:
         raise ValueError(f"unknown part(s) {bad}; use all, {', '.join(PART_NAMES)}")
+    check_modes(modes)
     strengths = sorted({a for x in alphas for a in ((x, -x) if both_signs else (x,)) if a != 0})
     names = [c if p == "all" else f"{c}[{p}]" for c in circuits for p in parts]
     arms = [Arm(BASELINE, SteeringSpec())]

@@ -76,3 +76,8 @@ def test_choice_from_logprobs():
     assert choice_from_logprobs({" B": -0.1, "A": -2.0, "The": -0.05}) == "B"
     assert choice_from_logprobs({"A": -3.0, " A": -0.5, "C.": -1.0}) == "A"
     assert choice_from_logprobs({"Hello": -0.1}) is None
+
+
+def test_wilson_interval_contains_the_estimate():
+    outside = [(k, n) for n in range(1, 201) for k in (0, n) if not wilson(k, n)[0] <= k / n <= wilson(k, n)[1]]
+    assert not outside, outside[:5]
