@@ -16,6 +16,7 @@ from cna_vllm import embedded as models
 from cna_vllm.cli import build_parser
 from cna_vllm.embedded import EMBEDDED, LARGE_MODEL, PREPARED_MARKER, gguf_layout_problems
 from cna_vllm.errors import ModelError
+from cna_vllm.identity import ModelIdentity
 from cna_vllm.sources import scan_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,7 +115,7 @@ def test_prepared_directory_and_its_tokenizer_template():
     from transformers import AutoTokenizer
 
     out = models.prepared_dir(LARGE_MODEL)
-    ident = models.ModelIdentity.from_dir(out)
+    ident = ModelIdentity.from_dir(out)
     assert (ident.num_layers, ident.intermediate_size, ident.hidden_size) == (28, 8960, 1536)
     tok = AutoTokenizer.from_pretrained(out)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
