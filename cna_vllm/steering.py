@@ -44,9 +44,11 @@ from cna_vllm.spec_syntax import (
     ENGINE_LIMITS,
     MAX_ABS_VALUE,
     MAX_ITEMS,
+    MAX_JSON_TEXT,
     MODES,
     PART_NAMES,
     SteeringLimits,
+    compact_items,
     parse_compact,
     parse_item,
     split_part,
@@ -119,7 +121,9 @@ class SteeringSpec:
         if obj is None:
             return cls()
         if isinstance(obj, str):
-            text = obj.strip()
+            if len(obj) > MAX_JSON_TEXT:
+                raise SteeringError(f"steering string has {len(obj)} characters; at most {MAX_JSON_TEXT} are allowed")
+            text = obj.strip(" ")
             if not text:
                 if strict:
                     raise SteeringError("steering is an empty string; leave the field out for no steering")
@@ -129,10 +133,10 @@ class SteeringSpec:
                     raise SteeringError("steering must be JSON, not a string holding JSON")
                 try:
                     obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise SteeringError(f"steering is not valid JSON: {exc}") from exc
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise SteeringError(f"steering is not valid JSON: {str(exc)[:200]}") from None
             else:
-                parts = text.split(",")
+                parts = compact_items(text, limits.max_items)
                 items = (SteeringItem(*parse_compact(p, where_of(i, len(parts)))) for i, p in enumerate(parts))
                 return cls(tuple(items))._bounded(limits)
         single = isinstance(obj, Mapping)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Awaitable
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -41,6 +44,52 @@ def replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return inner
+
+
+def _first(message: Message, receive: Receive) -> Receive:
+    """A ``receive`` that yields ``message`` once, then defers to ``receive``."""
+    sent = False
+
+    async def inner() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return message
+        return await receive()
+
+    return inner
+
+
+async def until_disconnect(awaitable: Awaitable[None], receive: Receive) -> tuple[Receive, bool]:
+    """Await ``awaitable`` while listening for the client: ``(receive to use next, client gone)``.
+
+    Call it once the body has been read (``receive`` then only ever yields a disconnect). If the
+    client leaves first, ``awaitable`` is cancelled (a queued request leaves its queue) and
+    ``gone`` is true. Errors of ``awaitable`` propagate.
+    """
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the handler itself is cancelled: take both down
+        task.cancel()
+        watcher.cancel()
+        raise
+    if not task.done():
+        if watcher.result()["type"] == "http.disconnect":
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return receive, True
+        await task  # some other message: keep it for the app
+    if watcher.done():
+        task.result()
+        return _first(watcher.result(), receive), False
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    task.result()
+    return receive, False
 
 
 def with_length(scope: Scope, length: int) -> Scope:

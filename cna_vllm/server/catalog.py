@@ -82,10 +82,11 @@ class Catalog:
         The file must lie (after resolving links) inside one of ``roots``; that is checked before
         anything about the file is looked at, so the answer says nothing about other paths.
         """
-        p = Path(path)
-        if not p.is_absolute():
-            raise ApiError("path must be an absolute server-side path", param="path", code="invalid_path")
-        real = p.resolve()
+        p = _checked_path(path)
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError):  # a link loop, or a name the file system refuses
+            raise ApiError("path cannot be resolved on this server", param="path", code="invalid_path") from None
         if not any(real.is_relative_to(root) for root in roots):
             raise ApiError(
                 "path must lie inside the server's circuit directories (--circuits, --hot-load-dir)",
@@ -94,7 +95,11 @@ class Catalog:
                 code="path_not_allowed",
             )
         p = real
-        if not p.is_file():  # missing, a directory, a device: one answer, no oracle for what exists
+        try:
+            is_file = p.is_file()
+        except OSError:
+            is_file = False
+        if not is_file:  # missing, a directory, a device: one answer, no oracle for what exists
             raise ApiError("no readable circuit file at this path", param="path", code="invalid_circuit")
         try:
             circuit = sources.validate(sources.load(p), self.model_dir)
@@ -114,3 +119,24 @@ class Catalog:
                 code="circuit_exists",
             )
         return circuit, entry, same
+
+
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+
+def _checked_path(path: str) -> Path:
+    """``path`` as an absolute :class:`Path`, or a 400 naming ``path`` (NUL byte, over-long name, relative)."""
+    if "\x00" in path:
+        raise ApiError("path must not contain a NUL byte", param="path", code="invalid_path")
+    encoded = path.encode("utf-8", "surrogateescape")
+    if len(encoded) > MAX_PATH_BYTES:
+        raise ApiError(f"path is longer than {MAX_PATH_BYTES} bytes", param="path", code="invalid_path")
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in path.split("/")):
+        raise ApiError(
+            f"path has a file or directory name longer than {MAX_NAME_BYTES} bytes", param="path", code="invalid_path"
+        )
+    p = Path(path)
+    if not p.is_absolute():
+        raise ApiError("path must be an absolute server-side path", param="path", code="invalid_path")
+    return p

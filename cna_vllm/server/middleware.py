@@ -7,17 +7,22 @@ safety boundary: intake (:mod:`cna_vllm.engine.intake`) checks every request on 
 finding this spec already parsed and validated in this process, and the scheduler caps
 distinct specs (:mod:`cna_vllm.engine.admission`).
 The rewritten request then goes to vLLM's stock handler, so chat templates, streaming,
-stop strings, logprobs and disconnect-aborts are vLLM's. Every response carries
-``x-cna-steering`` (compact spec or ``none``) and ``x-cna-steering-fingerprint``.
+stop strings, logprobs and disconnect-aborts are vLLM's. A response that was served carries
+``x-cna-steering`` (compact spec or ``none``) and ``x-cna-steering-fingerprint``; an error carries
+neither.
 
 ``model`` naming a steered variant (:mod:`cna_vllm.server.variants`) is rewritten to the
 base model plus the variant's spec (then the ``steering`` field's items, validated as one),
 and the response names the variant again; ``GET /v1/models`` gets a card per variant.
 Unknown model names pass through untouched, so vLLM answers them with its own 404.
 
-Any other POST that carries ``steering`` (or ``vllm_xargs.steering``) is refused: a
-steering request is never answered unsteered. A request with a new distinct spec waits
-while all ``max_steering_configs`` engine rows are taken (the worker would refuse it).
+A steering request is never answered unsteered (:mod:`cna_vllm.server.guards`): ``steering``
+on any other route, in any other place of the body (``Steering``, ``messages[0].steering``,
+``metadata``...), in a query parameter or a header, or with an option under which vLLM drops it
+(``use_beam_search``) is a 400. Every POST body is capped (413, uploads excepted) and nested at
+most :data:`~cna_vllm.server.guards.MAX_JSON_DEPTH` levels; the admin routes take JSON only (415).
+A request with a new distinct spec waits while all ``max_steering_configs`` engine rows are
+taken (the worker would refuse it); a client that leaves while it waits leaves the queue.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cna_vllm.engine.admission import AdmissionRefused
 from cna_vllm.errors import SteeringError
-from cna_vllm.server.asgi import BodyTooLarge, read_body, renaming, replay, send_error, with_length
+from cna_vllm.server.asgi import BodyTooLarge, read_body, renaming, replay, send_error, until_disconnect, with_length
+from cna_vllm.server.guards import check_body, check_query_and_headers, check_supported_options
 from cna_vllm.server.schema import ApiError, echo, parse_steering
 from cna_vllm.server.state import ServerState, server_state
 from cna_vllm.server.variants import Variant
@@ -41,6 +47,10 @@ from cna_vllm.steering import SteeringSpec, check_user_salt
 STEERED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 MODELS_PATH = "/v1/models"
 VARIANTS_PATH = "/v1/steered-models"
+ADMIN_PATHS = frozenset({VARIANTS_PATH, "/v1/circuits"})
+"""Routes that change the server (behind --enable-hot-load): JSON bodies only."""
+STEERING_FIELD = frozenset({"steering"})
+"""Where a body may carry steering: the top-level field."""
 ECHO_HEADER = "x-cna-steering"
 FINGERPRINT_HEADER = "x-cna-steering-fingerprint"
 VARIANT_HEADER = "x-cna-steered-model"
@@ -64,47 +74,67 @@ class SteeringMiddleware:
             await self.app(scope, receive, send)
             return
         endpoint = STEERED_PATHS.get(path)
-        if "json" not in Headers(scope=scope).get("content-type", "").lower():
-            await self.app(scope, receive, send)  # vLLM refuses non-JSON bodies; intake checks the rest
-            return
         state = server_state(scope["app"])
+        content_type = Headers(scope=scope).get("content-type", "").lower()
         try:
-            limit = state.max_request_bytes if state else 4 << 20
+            check_query_and_headers(scope)
+            if path in ADMIN_PATHS and "application/json" not in content_type:
+                raise ApiError(
+                    f"{path} takes a JSON body: send it with Content-Type: application/json",
+                    status=415,
+                    param=None,
+                    code="unsupported_media_type",
+                )
+        except ApiError as err:
+            await self._refuse(send, err, state)
+            return
+        if "json" not in content_type and "multipart/form-data" in content_type:
+            await self.app(scope, receive, send)  # uploads: vLLM caps their size itself
+            return
+        limit = state.max_request_bytes if state else 4 << 20
+        try:
             body, gone = await read_body(receive, limit)
         except BodyTooLarge:
             err = ApiError(f"request body exceeds {limit} bytes", status=413, param=None, code="request_too_large")
-            if state:
-                state.metrics.rejected.labels(err.code).inc()
-            await send_error(send, err)
+            await self._refuse(send, err, state)
             return
         if gone:
+            return
+        if "json" not in content_type:
+            await self.app(scope, replay(body, receive), send)  # vLLM refuses non-JSON bodies
             return
         try:
             data = json.loads(body) if body else None
         except RecursionError:
-            await send_error(send, ApiError("request body is nested too deeply", param=None, code="invalid_json"))
+            await self._refuse(send, ApiError("request body is nested too deeply", param=None, code="invalid_json"))
             return
         except ValueError:
             data = None  # not JSON: vLLM answers it
-        if not isinstance(data, dict):
+        try:
+            if endpoint is None and path not in ADMIN_PATHS:
+                _refuse_elsewhere(data, path)
+            check_body(body, data, STEERING_FIELD if endpoint or path == VARIANTS_PATH else frozenset())
+        except ApiError as err:
+            await self._refuse(send, err, state)
+            return
+        if not isinstance(data, dict) or endpoint is None:
             await self.app(scope, replay(body, receive), send)
             return
         try:
-            if endpoint is None:
-                if path != VARIANTS_PATH:  # that route's body defines a variant's steering
-                    _refuse_elsewhere(data, path)
-                await self.app(scope, replay(body, receive), send)
-                return
             if state is None:
                 raise ApiError("this server has no steering engine", status=503, code="steering_unavailable")
             variant = state.variants.get(data.get("model"))
             spec = self._rewrite(data, state, variant)
         except ApiError as err:
-            if state:
-                state.metrics.rejected.labels(err.code).inc()
-            await send_error(send, err)
+            await self._refuse(send, err, state)
             return
         await self._forward(scope, receive, send, data, spec, state, endpoint, variant)
+
+    @staticmethod
+    async def _refuse(send: Send, err: ApiError, state: ServerState | None = None) -> None:
+        if state:
+            state.metrics.rejected.labels(err.code).inc()
+        await send_error(send, err)
 
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         """vLLM's ``/v1/models`` with a card per steered variant appended."""
@@ -153,6 +183,7 @@ class SteeringMiddleware:
         else:
             spec = parse_steering(raw, state.limits, state.catalog.catalogue)
         if spec:
+            check_supported_options(data)
             xargs = dict(xargs) if isinstance(xargs, dict) else {}
             xargs["steering"] = spec.to_wire()
             data["vllm_xargs"] = xargs  # intake (engine/intake.py) salts it, for every path
@@ -183,8 +214,8 @@ class SteeringMiddleware:
             send = renaming(send, state.variants.base, variant.name)
 
         async def send_with_echo(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            if message["type"] == "http.response.start" and message.get("status", 200) < 400:
+                message = {**message, "headers": [*message.get("headers", []), *extra]}  # served: echo
             await send(message)
 
         body = json.dumps(data).encode()
@@ -192,7 +223,10 @@ class SteeringMiddleware:
             m.waiting.inc()
             start = time.perf_counter()
             try:
-                await state.gate.acquire(spec)
+                receive, gone = await until_disconnect(state.gate.acquire(spec), receive)
+                if gone:  # the client left while queued: its place is freed, nothing is answered
+                    m.rejected.labels("client_disconnected").inc()
+                    return
                 m.row_wait.observe(time.perf_counter() - start)
             except AdmissionRefused as exc:
                 m.rejected.labels(exc.code).inc()
@@ -225,8 +259,8 @@ def _smuggled(data: Any, depth: int = 0) -> bool:
     return False
 
 
-def _refuse_elsewhere(data: dict[str, Any], path: str) -> None:
-    if "steering" in data or _smuggled(data):
+def _refuse_elsewhere(data: Any, path: str) -> None:
+    if isinstance(data, dict) and ("steering" in data or _smuggled(data)):
         raise ApiError(
             f"steering is supported on /v1/chat/completions and /v1/completions, not on {path}",
             code="steering_unsupported_endpoint",

@@ -99,6 +99,23 @@ def test_hot_load_paths_must_be_absolute_and_inside_the_roots(setup):
     assert error(catalog.check_hot_load, str(allowed / "refusal.safetensors"), ()).status == 403  # no roots
 
 
+def test_hot_load_path_problems_are_4xx_naming_path(setup):
+    """A 300-character file name was a 500 (Errno 36); a NUL byte a 400 that named neither field nor rule."""
+    catalog, allowed, _ = setup
+    roots = (allowed.resolve(),)
+    for path, words in (
+        (str(allowed / ("a" * 300 + ".safetensors")), "longer than 255 bytes"),
+        (str(allowed / "ref\x00usal.safetensors"), "NUL byte"),
+        ("/" + "d/" * 2100 + "x.safetensors", "longer than 4096 bytes"),
+    ):
+        err = error(catalog.check_hot_load, path, roots)
+        assert (err.status, err.param, err.code) == (400, "path", "invalid_path") and words in err.message
+    loop = allowed / "loop.safetensors"
+    os.symlink(loop, loop)  # a link to itself
+    err = error(catalog.check_hot_load, str(loop), roots)
+    assert 400 <= err.status < 500 and err.param == "path"
+
+
 def test_hot_load_file_checks(setup, models):
     catalog, allowed, _ = setup
     roots = (allowed.resolve(),)

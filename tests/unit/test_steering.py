@@ -12,7 +12,7 @@ import pytest
 from cna_vllm.circuit import Circuit
 from cna_vllm.errors import SteeringError
 from cna_vllm.rows import to_offsets, to_rows, union_neurons
-from cna_vllm.steering import MAX_ABS_VALUE, SteeringItem, SteeringSpec, parse_many
+from cna_vllm.steering import MAX_ABS_VALUE, SteeringItem, SteeringLimits, SteeringSpec, parse_many
 
 from .planted import circuit_of as circuit
 
@@ -41,7 +41,7 @@ def test_all_forms_agree():
         want,
         json.dumps(want),
         "refusal@2,code@0.5:patch",
-        " refusal @ 2 , code@.5:patch ",
+        " refusal @ 2 , code@0.5:patch ",
         [{"circuit": "refusal", "multiplier": 2}, "code@0.5:patch"],
         SteeringSpec.parse(want),
     ]
@@ -230,3 +230,58 @@ def test_vector_sets_take_shift_only_and_their_offsets_add_up(circuits):
     assert to_offsets(SteeringSpec.parse("code@0"), known) == {}
     assert union_neurons(known.values()).keys() == union_neurons(circuits.values()).keys()
     assert vector_layers(known.values()) == [1, 3]
+
+
+# ---------------------------------------------------------------- the strict grammar (issue #24)
+@pytest.mark.parametrize(
+    ("bad", "param", "message"),
+    [
+        ("refusal\x07@1", "steering.circuit", "not a circuit name"),  # a control character (was stripped)
+        ("\x0brefusal@1", "steering.circuit", "not a circuit name"),
+        ("réfusal@1", "steering.circuit", "not a circuit name"),  # non-ASCII
+        ("refusal@1_0", "steering.multiplier", "JSON number"),  # Python's float() reads 10
+        ("refusal@１", "steering.multiplier", "JSON number"),  # fullwidth digit
+        ("refusal@٣", "steering.multiplier", "JSON number"),  # Arabic-Indic digit
+        ("refusal@.5", "steering.multiplier", "JSON number"),
+        ("refusal@+1", "steering.multiplier", "JSON number"),
+        ("refusal@ 1 2", "steering.multiplier", "JSON number"),
+        ("refusal@1:", "steering.mode", "non-empty"),
+        ("refusal@1\t", "steering.multiplier", "JSON number"),
+    ],
+)
+def test_compact_grammar_is_strict_ascii(bad, param, message):
+    with pytest.raises(SteeringError, match=message) as info:
+        SteeringSpec.parse(bad)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("item", "param", "message"),
+    [
+        ({"circuit": "refusal", "mode": ["scale"], "multiplier": 1}, "steering.mode", "must be a string"),
+        ({"circuit": "refusal", "mode": {"a": 1}, "multiplier": 1}, "steering.mode", "must be a string"),
+        ({"circuit": "refusal\n", "multiplier": 1}, "steering.circuit", "not a circuit name"),
+        ({"circuit": " refusal", "multiplier": 1}, "steering.circuit", "not a circuit name"),
+        ({"circuit": "refusal", "multiplier": "1_0"}, "steering.multiplier", "JSON number"),
+        ({"circuit": "refusal", "multiplier": "１"}, "steering.multiplier", "JSON number"),
+    ],
+)
+def test_object_items_name_the_field_of_every_type_error(item, param, message):
+    with pytest.raises(SteeringError, match=message) as info:
+        SteeringSpec.parse(item)  # lenient form: numbers may be strings, but JSON numbers only
+    assert info.value.param == param
+
+
+def test_sizes_are_checked_before_parsing():
+    huge = ",".join(["refusal@1"] * 400_000)  # 4 MB
+    with pytest.raises(SteeringError, match="3999999 characters; at most"):
+        SteeringSpec.parse(huge)
+    many = ",".join(["refusal@1"] * 17)
+    with pytest.raises(SteeringError, match="17 items; at most 8"):
+        SteeringSpec.parse(many, SteeringLimits())
+    with pytest.raises(SteeringError, match="at most"):
+        SteeringSpec.parse("[" + "1," * 20_000 + "1]")  # JSON text: size before json.loads
+    assert SteeringSpec.parse(" refusal @ 1 , refusal[pos] @ -2.5e-1 : patch ").to_list() == [
+        {"circuit": "refusal", "mode": "scale", "multiplier": 1.0},
+        {"circuit": "refusal[pos]", "mode": "patch", "alpha": -0.25},
+    ]
